@@ -1,0 +1,308 @@
+"""Decoder-only transformer (Llama / Qwen2 / Mistral family) in flax.nnx, with a KV cache.
+
+Module and parameter names mirror Hugging Face's (``model.layers.3.self_attn.q_proj.kernel``) so that
+checkpoint conversion and sharding rules read naturally. Projection kernels keep heads as their own
+axis (``q_proj.kernel: [d, heads, head_dim]``) so tensor parallelism can split heads directly.
+
+Positions are always derived from the attention mask (``cumsum(mask) - 1``), so a left-padded row
+gives the same logits as the same row unpadded, with or without the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sail_jax.models.config import ModelConfig
+
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+class Linear(nnx.Module):
+    """``y = x · kernel (+ bias)`` contracting the trailing ``len(in_shape)`` axes of ``x``."""
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, bias: bool, config: ModelConfig, rngs: nnx.Rngs):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        init = jax.nn.initializers.normal(stddev=0.02)
+        self.kernel = nnx.Param(init(rngs.params(), in_shape + out_shape, config.weight_dtype))
+        self.bias = nnx.Param(jnp.zeros(out_shape, config.weight_dtype)) if bias else None
+        self.n_in = len(in_shape)
+        self.dtype = config.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        axes = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=axes)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32 then cast back, as transformers does."""
+
+    def __init__(self, dim: int, *, config: ModelConfig):
+        self.scale = nnx.Param(jnp.ones((dim,), config.weight_dtype))
+        self.eps = config.rms_norm_eps
+        self.dtype = config.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies ``[head_dim // 2]`` including the ``linear`` and Llama-3 scalings."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    params = config.rope_params
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / params["factor"]
+    elif rope_type == "llama3":
+        factor = params["factor"]
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate ``x [b, t, heads, head_dim]`` by ``positions [b, t]`` (half-split convention)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def make_attention_mask(q_pos, k_pos, q_slot, k_slot, k_valid, window: int | None) -> jax.Array:
+    """Boolean ``[b, t, s]``: query t may see key s (valid, causal in slot order, inside the window)."""
+    allowed = k_valid[:, None, :] & (k_slot[:, None, :] <= q_slot[:, :, None])
+    if window is not None:
+        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    return allowed
+
+
+def dot_product_attention(q, k, v, mask) -> jax.Array:
+    """Grouped-query attention. ``q [b,t,h,d]``, ``k,v [b,s,kv,d]``, ``mask [b,t,s]`` -> ``[b,t,h,d]``.
+
+    Softmax in float32; fully masked rows (padding queries) get uniform weights instead of NaN.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated keys/values for incremental decoding; a PyTree, so it can be donated to jit.
+
+    keys/values: per layer ``[batch, max_len, kv_heads, head_dim]``; ``mask [batch, max_len]`` marks
+    slots holding real tokens; slots ``[0, end)`` have been written.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    mask: jax.Array
+    end: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.mask.shape[1]
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    dtype = dtype or config.compute_dtype
+    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(
+        keys=zeros,
+        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        mask=jnp.zeros((batch_size, max_len), jnp.bool_),
+        end=jnp.zeros((), jnp.int32),
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = Linear((d,), (h, hd), bias=config.qkv_bias, config=config, rngs=rngs)
+        self.k_proj = Linear((d,), (kv, hd), bias=config.qkv_bias, config=config, rngs=rngs)
+        self.v_proj = Linear((d,), (kv, hd), bias=config.qkv_bias, config=config, rngs=rngs)
+        self.o_proj = Linear((h, hd), (d,), bias=config.o_bias, config=config, rngs=rngs)
+        self.window = config.window(layer)
+
+    def __call__(self, x, positions, inv_freq, mask_fn, cache_kv=None):
+        """``cache_kv``: None, or ``(k_cache, v_cache, end)`` to write this chunk at slot ``end``."""
+        q = apply_rope(self.q_proj(x), positions, inv_freq)
+        k = apply_rope(self.k_proj(x), positions, inv_freq)
+        v = self.v_proj(x)
+        if cache_kv is not None:
+            k_cache, v_cache, end = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), end, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), end, axis=1)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_fn(self.window))
+        return self.o_proj(out), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear((d,), (f,), bias=config.mlp_bias, config=config, rngs=rngs)
+        self.up_proj = Linear((d,), (f,), bias=config.mlp_bias, config=config, rngs=rngs)
+        self.down_proj = Linear((f,), (d,), bias=config.mlp_bias, config=config, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config=config)
+        self.self_attn = Attention(config, layer, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config=config)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, mask_fn, cache_kv=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask_fn, cache_kv)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class Transformer(nnx.Module):
+    """Embeddings, decoder layers and the final norm: ``input_ids -> hidden states``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(stddev=0.02)
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=config.compute_dtype, param_dtype=config.weight_dtype,
+            embedding_init=init, rngs=rngs,
+        )
+        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config=config)
+        self.config = config
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """``input_ids, attention_mask [b, t]`` -> hidden states ``[b, t, d]`` (no cache)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids, dtype=jnp.bool_)
+        valid = attention_mask.astype(jnp.bool_)
+        positions = _positions(valid, offset=0)
+        slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+
+        def mask_fn(window):
+            return make_attention_mask(positions, positions, slots, slots, valid, window)
+
+        x = self.embed_tokens(input_ids)
+        inv_freq = rope_inv_freq(self.config)
+        for layer in self.layers:
+            x, _ = layer(x, positions, inv_freq, mask_fn)
+        return self.norm(x)
+
+    def extend(self, input_ids: jax.Array, attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Append ``input_ids [b, t]`` after the cached tokens; returns hidden states and the new cache.
+
+        Used for prefill (empty cache, the whole left-padded prompt) and decode (``t = 1``).
+        """
+        t = input_ids.shape[1]
+        new_valid = attention_mask.astype(jnp.bool_)
+        positions = _positions(new_valid, offset=jnp.sum(cache.mask, axis=-1, keepdims=True))
+        k_valid = jax.lax.dynamic_update_slice_in_dim(cache.mask, new_valid, cache.end, axis=1)
+        k_pos = _positions(k_valid, offset=0)
+        k_slot = jnp.broadcast_to(jnp.arange(cache.max_len), k_valid.shape)
+        q_slot = jnp.broadcast_to(cache.end + jnp.arange(t), input_ids.shape)
+
+        def mask_fn(window):
+            return make_attention_mask(positions, k_pos, q_slot, k_slot, k_valid, window)
+
+        x = self.embed_tokens(input_ids)
+        inv_freq = rope_inv_freq(self.config)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, positions, inv_freq, mask_fn, (cache.keys[i], cache.values[i], cache.end))
+            keys.append(k)
+            values.append(v)
+        new_cache = KVCache(keys=tuple(keys), values=tuple(values), mask=k_valid, end=cache.end + t)
+        return self.norm(x), new_cache
+
+
+
+def _positions(valid: jax.Array, offset) -> jax.Array:
+    """Position of each token = number of real tokens before it (+ offset); padding gets clipped values."""
+    return jnp.maximum(offset + jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+class CausalLM(nnx.Module):
+    """Language model: ``model(input_ids, attention_mask)`` -> float32 logits ``[b, t, vocab]``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = Transformer(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear((config.hidden_size,), (config.vocab_size,), bias=False, config=config, rngs=rngs)
+        else:
+            self.lm_head = None
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Project hidden states ``[..., d]`` to float32 vocabulary logits ``[..., vocab]``."""
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.model(input_ids, attention_mask))
+
+    def extend(self, input_ids, attention_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Cached forward: logits ``[b, t, vocab]`` of the appended tokens and the updated cache."""
+        hidden, cache = self.model.extend(input_ids, attention_mask, cache)
+        return self.logits(hidden), cache
+
+
+class RewardModel(nnx.Module):
+    """Sequence classifier (HF ``*ForSequenceClassification``): score at the last real token.
+
+    ``model(input_ids, attention_mask)`` -> scores ``[b]`` (or ``[b, num_labels]`` when num_labels > 1).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = Transformer(config, rngs=rngs)
+        self.score = Linear((config.hidden_size,), (config.num_labels,), bias=False, config=config, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids, dtype=jnp.bool_)
+        hidden = self.model(input_ids, attention_mask)
+        # Rightmost real token: works for left and right padding alike.
+        last = jnp.argmax(jnp.arange(input_ids.shape[1]) * attention_mask.astype(jnp.int32), axis=-1)
+        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        scores = self.score(pooled).astype(jnp.float32)
+        return scores[:, 0] if self.config.num_labels == 1 else scores
+
+
+def build_model(config: ModelConfig, *, seed: int = 0) -> CausalLM | RewardModel:
+    """A randomly initialised model of the config's task."""
+    cls = CausalLM if config.task == "causal_lm" else RewardModel
+    return cls(config, rngs=nnx.Rngs(seed))

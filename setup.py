@@ -1,0 +1,38 @@
+"""sail-jax: online, self-improving alignment of language models (SAIL) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sail-jax",
+    version="0.1.0",
+    description="JAX/Flax framework for online self-improving alignment (SAIL) of language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sail_jax", "sail_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "chex>=0.1.92",
+        "ml-collections>=1.1.0",
+        "transformers>=5.23.0",
+        "tokenizers>=0.23.3",
+        "safetensors>=0.8.0",
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "absl-py",
+        "tqdm",
+        "tensorboardX",
+        "matplotlib",
+        "numpy",
+    ],
+    extras_require={
+        # Exact pin: torch 2.13.0's CPU wheel is on disk; a range pulls a multi-GB CUDA build.
+        # torch is used only as the independent reference in parity tests and benchmarks.
+        "test": ["pytest", "torch==2.13.0"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={"console_scripts": ["sail-jax=sail_jax.cli:main"]},
+)

@@ -1,0 +1,72 @@
+"""Shared test setup: 8 fake CPU devices (before jax initialises) and tiny HF checkpoints built offline."""
+
+import os
+
+import jax
+
+# Must run before any backend is initialised so that mesh tests see 8 devices. Unsharded
+# computations still run on device 0 alone, so this costs the rest of the suite nothing.
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY = dict(
+    vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+)
+
+
+def random_hf_model(cls_name: str, seed: int = 0, **overrides):
+    """A tiny random transformers model with weights large enough that mistakes show in the logits."""
+    import torch
+    import transformers
+
+    model_type = {"Llama": "LlamaConfig", "Qwen2": "Qwen2Config", "Mistral": "MistralConfig"}
+    prefix = next(p for p in model_type if cls_name.startswith(p))
+    config = getattr(transformers, model_type[prefix])(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def save_hf(tmp_path):
+    """Save a transformers model to a fresh folder and return the path."""
+
+    def save(model, name="model"):
+        path = str(tmp_path / name)
+        model.save_pretrained(path)
+        return path
+
+    return save
+
+
+def left_padded_batch(vocab: int, batch: int, length: int, seed: int = 0, pad_id: int | None = None):
+    """Random ids with rows left-padded by different amounts (row 0 unpadded); pad slots get pad_id."""
+    rng = np.random.RandomState(seed)
+    low = 0 if pad_id is None else pad_id + 1
+    ids = rng.randint(low, vocab, (batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), np.int32)
+    for i in range(1, batch):
+        mask[i, : min(2 * i + 1, length - 1)] = 0
+    if pad_id is not None:
+        ids[mask == 0] = pad_id
+    return ids, mask
+
+
+def torch_logits(model, ids, mask):
+    """transformers' forward with positions derived from the mask, as our models derive them."""
+    import torch
+
+    positions = np.maximum(mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        out = model(torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long(),
+                    position_ids=torch.tensor(positions).long())
+    return out.logits.float().numpy()
