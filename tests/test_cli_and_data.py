@@ -1,0 +1,55 @@
+"""The CLI end to end (built-in tiny model) and JSONL preference data validation."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from sail_jax.data import read_preference_jsonl
+
+
+def test_cli_scores_pairs_end_to_end_with_the_builtin_model(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "What is two plus two?", "chosen": " Four.", "rejected": " Five."},
+            {"prompt": [{"role": "user", "content": "Say hello."}], "chosen": "Hello!", "rejected": "No."}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    workdir = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "sail_jax.cli", "--config=configs/score_pairs.py", f"--workdir={workdir}",
+                    f"--config.data.path={data}", "--config.loss.beta=0.5"], check=True, capture_output=True)
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    # The policy is its own reference: every implicit reward is 0 and DPO's loss is exactly ln 2.
+    assert metrics["loss/sigmoid"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["rewards/margins"] == 0.0 and metrics["logps/chosen"] < 0
+    scores = [json.loads(line) for line in (workdir / "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 2 and scores[1]["prompt"].startswith("<|im_start|>user")
+    assert "beta = 0.5" in (workdir / "config.txt").read_text().replace(": ", " = ")
+    assert (workdir / "tiny_model" / "config.json").exists()
+
+
+def test_unknown_recipe_lists_valid_ones():
+    from sail_jax.recipes import get_recipe
+
+    with pytest.raises(ValueError, match=r"unknown recipe 'ppo'; valid: \['score_pairs'\]"):
+        get_recipe("ppo")
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "p", "chosen": "c"}', r"pairs.jsonl:2: missing field\(s\) \['rejected'\]"),
+    ('{"prompt": "p", "chosen": "c", "rejected": 3}', r"pairs.jsonl:2: field 'rejected' must be a string"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r"', r"pairs.jsonl:2: invalid JSON"),
+    ('["p", "c", "r"]', r"pairs.jsonl:2: expected a JSON object"),
+])
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        read_preference_jsonl(str(path))
+
+
+def test_empty_jsonl_is_an_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no records"):
+        read_preference_jsonl(str(path))
