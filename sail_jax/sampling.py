@@ -1,0 +1,172 @@
+"""Jitted KV-cache sampling: prefill once, broadcast the cache to k samples, decode in a while_loop.
+
+Shapes are bucketed (prompt length and new-token budget rounded up to powers of two) so a run
+compiles a handful of programs, whichever prompts it sees; ``compile_counts()`` reports how many.
+Parameters are arguments of the jitted functions (never closed-over constants), the cache is
+donated to the decode loop, and the loop exits as soon as every row has emitted an EOS. Under a
+mesh, shard the prompts' batch axis (``batch_sharding``) and pass a model whose parameters carry
+the training layout: jit propagates both, and the PRNG draws do not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sail_jax.models.transformer import init_cache
+
+_COMPILES: collections.Counter = collections.Counter()
+
+
+def compile_counts() -> dict[str, int]:
+    """How many times the prefill and decode programs were traced (= compiled) in this process."""
+    return dict(_COMPILES)
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """``tokens [n, max_new_tokens]`` (pad after the first EOS), ``mask`` (1 up to and including it),
+    ``lengths [n]``, ``logprobs [n, max_new_tokens]`` of each token under the sampling distribution
+    (at temperature 1 for greedy decoding; 0 where masked), ``finished [n]`` (saw EOS).
+    Rows are ordered prompt-major: row ``i * num_samples + j`` is sample j of prompt i."""
+
+    tokens: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    logprobs: jax.Array
+    finished: jax.Array
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+    """Round up to a power of two (at least ``minimum``) so shapes, and compiles, are shared."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def filter_logits(logits: jax.Array, temperature, top_k: int, use_top_p: bool, top_p) -> jax.Array:
+    """The sampling distribution's logits: ``logits / T``, then top-k, then nucleus (top-p) filtering.
+
+    Removed tokens get ``-inf``; the most likely token always survives.
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if use_top_p:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "cache_len"))
+def _prefill(graphdef, state, prompt_ids, prompt_mask, *, num_samples, cache_len):
+    _COMPILES["prefill"] += 1
+    model = nnx.merge(graphdef, state)
+    cache = init_cache(model.config, prompt_ids.shape[0], cache_len)
+    logits, cache = model.extend(prompt_ids, prompt_mask, cache)
+    last = logits[:, -1]
+    if num_samples > 1:  # k samples per prompt share one prefill
+        repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
+        cache = cache.replace(keys=tuple(map(repeat, cache.keys)), values=tuple(map(repeat, cache.values)),
+                              mask=repeat(cache.mask))
+        last = repeat(last)
+    return last, cache
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "budget", "greedy", "top_k", "use_top_p"), donate_argnames=("cache",)
+)
+def _decode(graphdef, state, cache, last_logits, key, max_new_tokens, temperature, top_p, eos_ids, pad_id,
+            *, budget, greedy, top_k, use_top_p):
+    _COMPILES["decode"] += 1
+    model = nnx.merge(graphdef, state)
+    n = last_logits.shape[0]
+
+    def body(carry):
+        step, cache, logits, tokens, logprobs, finished, done_at = carry
+        if greedy:
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            dist = logits.astype(jnp.float32)
+        else:
+            dist = filter_logits(logits, temperature, top_k, use_top_p, top_p)
+            token = jax.random.categorical(jax.random.fold_in(key, step), dist).astype(jnp.int32)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(dist), token[:, None], axis=-1)[:, 0]
+        tokens = tokens.at[:, step].set(token)
+        logprobs = logprobs.at[:, step].set(logprob)
+        hit_eos = jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
+        done_at = jnp.where(~finished & hit_eos, step, done_at)
+        finished = finished | hit_eos
+        logits, cache = model.extend(token[:, None], jnp.ones((n, 1), jnp.int32), cache)
+        return step + 1, cache, logits[:, -1], tokens, logprobs, finished, done_at
+
+    def cond(carry):
+        step, finished = carry[0], carry[5]
+        return (step < max_new_tokens) & ~jnp.all(finished)
+
+    init = (jnp.int32(0), cache, last_logits, jnp.full((n, budget), pad_id, jnp.int32),
+            jnp.zeros((n, budget), jnp.float32), jnp.zeros((n,), jnp.bool_), jnp.full((n,), budget, jnp.int32))
+    _, cache, _, tokens, logprobs, finished, done_at = jax.lax.while_loop(cond, body, init)
+    positions = jnp.arange(budget)[None, :]
+    mask = (positions <= done_at[:, None]) & (positions < max_new_tokens)
+    out = SampleOutput(
+        tokens=jnp.where(mask, tokens, pad_id),
+        mask=mask.astype(jnp.int32),
+        lengths=mask.sum(-1).astype(jnp.int32),
+        logprobs=jnp.where(mask, logprobs, 0.0),
+        finished=finished,
+    )
+    # Returning the cache lets XLA alias it to the donated input: one cache buffer lives at a time.
+    return out, cache
+
+
+def generate(
+    model,
+    prompt_ids,
+    prompt_mask,
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_ids: Sequence[int] | int,
+    num_samples: int = 1,
+    pad_id: int = 0,
+    batch_sharding: jax.sharding.Sharding | None = None,
+) -> SampleOutput:
+    """Sample ``num_samples`` responses per left-padded prompt ``[b, t]``; ``temperature=0`` is greedy.
+
+    Deterministic for a given ``key``. Returns a ``SampleOutput`` with ``b * num_samples`` rows.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1:
+        raise ValueError(
+            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1; got temperature={temperature}, "
+            f"top_p={top_p}, top_k={top_k}, num_samples={num_samples}"
+        )
+    eos = jnp.asarray(np.atleast_1d(np.asarray(eos_ids, np.int32)))
+    prompt_ids, prompt_mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
+    length = bucket(prompt_ids.shape[1])
+    pad = length - prompt_ids.shape[1]
+    prompt_ids = np.pad(prompt_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
+    prompt_mask = np.pad(prompt_mask, ((0, 0), (pad, 0)))
+    if batch_sharding is not None:
+        prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), batch_sharding)
+    budget = bucket(max_new_tokens)
+    graphdef, state = nnx.split(model)
+    last, cache = _prefill(graphdef, state, prompt_ids, prompt_mask, num_samples=num_samples,
+                           cache_len=length + budget)
+    out, _ = _decode(graphdef, state, cache, last, key, jnp.int32(max_new_tokens),
+                  jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos, jnp.int32(pad_id),
+                  budget=budget, greedy=temperature == 0, top_k=top_k, use_top_p=top_p < 1.0)
+    return jax.tree.map(lambda x: x[:, :max_new_tokens] if x.ndim == 2 else x, out)
