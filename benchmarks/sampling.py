@@ -1,0 +1,145 @@
+"""Sampler throughput: ours (jitted, KV cache) vs transformers `generate` (PyTorch, CPU) vs our model
+decoding without a cache, on identical weights; plus the decode step against its memory floor.
+
+    python benchmarks/sampling.py            # tiny config and the SmolLM2-135M shape
+    python benchmarks/sampling.py --quick    # tiny config only, fewer tokens
+
+Every row generates exactly `new_tokens` per sequence (no EOS can stop it early). Needs the `test`
+extra (torch). Numbers are medians of `--repeats` timed runs after one warm-up (compile) run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sail_jax.models import load_pretrained
+from sail_jax.sampling import generate
+
+SHAPES = {
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+}
+
+
+def _median_time(fn, repeats):
+    fn()  # warm-up: compiles
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _copy_bandwidth(nbytes=256 * 2**20):
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    copy = jax.jit(lambda a: a + 0.0)
+    t = _median_time(lambda: copy(x).block_until_ready(), 5)
+    return 2 * nbytes / t  # read + write
+
+
+def _no_cache_decode(model, ids, mask, new_tokens):
+    """Greedy decoding by re-running the full forward on the growing sequence (one jit per length)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, ids, mask):
+        logits = nnx.merge(graphdef, state)(ids, mask)
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+    def run():
+        cur_ids, cur_mask = jnp.asarray(ids), jnp.asarray(mask)
+        for _ in range(new_tokens):
+            token = step(state, cur_ids, cur_mask)
+            cur_ids = jnp.concatenate([cur_ids, token[:, None]], axis=1)
+            cur_mask = jnp.concatenate([cur_mask, jnp.ones_like(token)[:, None]], axis=1)
+        return cur_ids.block_until_ready()
+
+    return run
+
+
+def bench_shape(name, batch, prompt_len, new_tokens, repeats, with_no_cache):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**SHAPES[name], max_position_embeddings=4096)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with tempfile.TemporaryDirectory() as path:
+        hf.save_pretrained(path)
+        model = load_pretrained(path)
+    rng = np.random.RandomState(0)
+    ids = rng.randint(1, config.vocab_size, (batch, prompt_len)).astype(np.int32)
+    mask = np.ones_like(ids)
+    tokens = batch * new_tokens
+    key = jax.random.PRNGKey(0)
+
+    def ours():
+        out = generate(model, ids, mask, key, max_new_tokens=new_tokens, temperature=1.0, eos_ids=[-1])
+        out.tokens.block_until_ready()
+
+    def hf_generate():
+        with torch.no_grad():
+            hf.generate(torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long(), do_sample=True,
+                        max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
+                        top_k=0)
+
+    rows = {"ours (jit + KV cache)": _median_time(ours, repeats),
+            "transformers generate (torch CPU)": _median_time(hf_generate, repeats)}
+    if with_no_cache:
+        rows["ours without cache"] = _median_time(_no_cache_decode(model, ids, mask, new_tokens), 1)
+
+    # Decode-step floor: every step reads all parameters and the KV cache written so far (average).
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    kv_bytes_avg = (2 * config.num_hidden_layers * batch * (prompt_len + new_tokens / 2)
+                    * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4)
+    step_bytes = 4 * n_params + kv_bytes_avg
+    return rows, tokens, step_bytes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-cache-shapes", default="tiny", help="comma list of shapes that also time no-cache decoding")
+    args = parser.parse_args()
+    shapes = ["tiny"] if args.quick else list(SHAPES)
+    new_tokens = 32 if args.quick else args.new_tokens
+    bandwidth = _copy_bandwidth()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
+          f"on {jax.devices()[0].platform}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"batch {args.batch}, prompt {args.prompt}, {new_tokens} new tokens, median of {args.repeats}\n")
+    print(f"| shape | sampler | seconds | tokens/s | vs transformers |")
+    print(f"|---|---|---|---|---|")
+    floors = []
+    for shape in shapes:
+        rows, tokens, step_bytes = bench_shape(shape, args.batch, args.prompt, new_tokens, args.repeats,
+                                               shape in args.no_cache_shapes.split(","))
+        hf_time = rows["transformers generate (torch CPU)"]
+        for label, seconds in rows.items():
+            print(f"| {shape} | {label} | {seconds:.2f} | {tokens / seconds:,.0f} | {hf_time / seconds:.2f}x |")
+        step = rows["ours (jit + KV cache)"] / new_tokens
+        floors.append((shape, step, step_bytes / bandwidth))
+    print("\n| shape | our decode step (ms, incl. prefill share) | memory floor (ms) | ratio |")
+    print("|---|---|---|---|")
+    for shape, step, floor in floors:
+        print(f"| {shape} | {step * 1e3:.2f} | {floor * 1e3:.3f} | {step / floor:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
