@@ -19,6 +19,7 @@ setup(
         "ml-collections>=1.1.0",
         "transformers>=5.23.0",
         "tokenizers>=0.23.3",
+        "jinja2",  # chat templates (transformers needs it but only torch pulls it in)
         "safetensors>=0.8.0",
         "tensorflow-datasets>=4.9.10",
         "grain>=0.2.18",
