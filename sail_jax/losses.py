@@ -252,12 +252,12 @@ def _baseline(kind, ell, route, mask, state):
     if kind == "none":
         return jnp.zeros_like(ell)
     if kind == "batch_mean":
-        one_hot = _route_one_hot(route, mask)
+        one_hot = _route_one_hot(route, mask)  # masked examples are all-zero rows
         totals, counts = (one_hot * ell[:, None]).sum(0), one_hot.sum(0)
         own = jax.nn.one_hot(route, NUM_ROUTES, dtype=jnp.float32)
-        own_valid = own * (1.0 if mask is None else mask.astype(jnp.float32)[:, None])
-        total_i = own @ totals - (own_valid * ell[:, None]).sum(1)  # leave example i out
-        others = own @ counts - own_valid.sum(1)
+        valid = one_hot.sum(1)
+        total_i = own @ totals - valid * ell  # leave example i out
+        others = own @ counts - valid
         return jnp.where(others > 0, total_i / jnp.maximum(others, 1.0), 0.0)
     if state is None:
         raise ValueError("baseline='running' needs baseline_state (see RunningBaseline.init)")
