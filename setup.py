@@ -23,6 +23,7 @@ setup(
         "safetensors>=0.8.0",
         "tensorflow-datasets>=4.9.10",
         "grain>=0.2.18",
+        "importlib_resources",  # tensorflow-datasets imports it lazily when building a dataset
         "absl-py",
         "tqdm",
         "tensorboardX",

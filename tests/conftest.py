@@ -70,3 +70,37 @@ def torch_logits(model, ids, mask):
         out = model(torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long(),
                     position_ids=torch.tensor(positions).long())
     return out.logits.float().numpy()
+
+
+GOOD = "red green blue apple pear happy bright warm".split()
+BAD = "stone river cloud quiet fast slow dark cold".split()
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Preference rows with a learnable rule: the chosen word is from GOOD, the rejected from BAD."""
+    rng = np.random.RandomState(seed)
+    return [{"prompt": "Say a word after " + " ".join(rng.choice(GOOD + BAD, size=3)) + ":",
+             "chosen": f" {rng.choice(GOOD)}.", "rejected": f" {rng.choice(BAD)}."} for _ in range(n)]
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Qwen2-architecture model + BPE tokenizer (built by us, no torch) as an HF folder."""
+    from sail_jax.models import ModelConfig, build_model, save_pretrained
+    from sail_jax.tokenization import train_bpe_tokenizer
+
+    path = str(tmp_path_factory.mktemp("tiny") / "model")
+    texts = [" ".join(r.values()) for r in synthetic_pairs(200)]
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=128)
+    config = ModelConfig(model_type="qwen2", vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    save_pretrained(build_model(config, seed=0), path, tokenizer=tokenizer)
+    return path

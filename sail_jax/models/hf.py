@@ -109,6 +109,8 @@ def load_pretrained(
     *,
     param_dtype=None,
     shardings: ShardingFn | None = None,
+    task: str | None = None,
+    head_seed: int = 0,
 ) -> CausalLM | RewardModel:
     """Load a local HF folder into our model (causal LM or reward model, by its architecture).
 
@@ -117,17 +119,27 @@ def load_pretrained(
       dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``).
       param_dtype: storage dtype of the parameters; defaults to ``dtype``.
       shardings: optional ``(param_path, shape) -> Sharding``; each tensor is placed there directly.
+      task: ``"sequence_classification"`` turns a causal-LM checkpoint into a reward model (as HF's
+        ``AutoModelForSequenceClassification`` does): the LM head is dropped and a new scalar
+        ``score`` head is initialised from ``head_seed``. None: the checkpoint's own task.
     """
     dtype_name = jnp.dtype(dtype).name
     config = read_config(path, dtype=dtype_name, param_dtype=jnp.dtype(param_dtype or dtype).name)
+    new_heads: set[str] = set()
+    if task is not None and task != config.task:
+        if (config.task, task) != ("causal_lm", "sequence_classification"):
+            raise ValueError(f"{path}: cannot load a {config.task} checkpoint as {task!r}; "
+                             "only causal_lm -> sequence_classification (a new reward head) is supported")
+        config = dataclasses.replace(config, task=task, num_labels=1)
+        new_heads = {"score.weight"}
     model = nnx.eval_shape(lambda: build_model(config))
     specs = _tensor_specs(model)
     files = _weight_files(path)
 
     present = {n for n in files if not n.endswith(_IGNORED_SUFFIXES)}
-    if config.tie_word_embeddings:
-        present.discard("lm_head.weight")  # some exporters also store the tied matrix
-    missing = sorted(set(specs) - present)
+    if config.tie_word_embeddings or new_heads:
+        present.discard("lm_head.weight")  # tied copy stored by some exporters, or the LM head we replace
+    missing = sorted(set(specs) - present - new_heads)
     unexpected = sorted(present - set(specs))
     problems = []
     if missing:
@@ -143,7 +155,7 @@ def load_pretrained(
         raise ValueError(f"{path}: checkpoint does not match {config.architecture}: " + "; ".join(problems))
 
     np_dtype = jnp.dtype(config.weight_dtype)
-    for file, names in _group_by_file({n: files[n] for n in specs}).items():
+    for file, names in _group_by_file({n: files[n] for n in specs if n not in new_heads}).items():
         with safe_open(file, framework="numpy") as f:
             for name in names:
                 spec = specs[name]
@@ -153,6 +165,10 @@ def load_pretrained(
                 else:
                     array = jnp.asarray(value)
                 spec.param.set_value(array)
+    for name in new_heads:
+        spec = specs[name]
+        value = 0.02 * jax.random.normal(jax.random.key(head_seed), spec.shape, np_dtype)
+        spec.param.set_value(jax.device_put(value, shardings(spec.path, spec.shape)) if shardings else value)
     return model
 
 

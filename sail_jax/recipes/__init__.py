@@ -1,11 +1,11 @@
 """Recipes: what ``sail-jax --config=...`` runs, chosen by ``config.recipe``."""
 
-from sail_jax.recipes import score_pairs
+from sail_jax.recipes import offline, score_pairs
 
-RECIPES = {"score_pairs": score_pairs.run}
+RECIPES = {"score_pairs": score_pairs.run, **{name: offline.run for name in offline.RECIPES}}
 
 
 def get_recipe(name: str):
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; valid: {sorted(RECIPES)}")
+        raise ValueError(f"config.recipe={name!r} is unknown; valid: {sorted(RECIPES)}")
     return RECIPES[name]

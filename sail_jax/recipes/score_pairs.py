@@ -14,19 +14,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sail_jax.data import PreferenceRecord, read_preference_jsonl
+from sail_jax.data import read_jsonl
 from sail_jax.logprobs import sequence_logprobs
 from sail_jax.losses import preference_loss, preference_metrics
 from sail_jax.models import ModelConfig, build_model, load_pretrained, save_pretrained
 from sail_jax.tokenization import Tokenizer, pack_pairs, train_bpe_tokenizer
 
 SAMPLE_PAIRS = [
-    PreferenceRecord("How do I boil an egg?", " Put the egg in boiling water for nine minutes, then cool it.",
-                     " Eggs are eggs."),
-    PreferenceRecord("Name a primary colour.", " Red is a primary colour.", " I would rather not say."),
-    PreferenceRecord([{"role": "user", "content": "Say hello politely."}], "Hello, it is nice to meet you.",
-                     "What do you want?"),
-    PreferenceRecord("What is two plus two?", " Two plus two is four.", " Two plus two is five."),
+    {"prompt": "How do I boil an egg?", "chosen": " Put the egg in boiling water for nine minutes, then cool it.",
+     "rejected": " Eggs are eggs."},
+    {"prompt": "Name a primary colour.", "chosen": " Red is a primary colour.", "rejected": " I would rather not say."},
+    {"prompt": [{"role": "user", "content": "Say hello politely."}], "chosen": "Hello, it is nice to meet you.",
+     "rejected": "What do you want?"},
+    {"prompt": "What is two plus two?", "chosen": " Two plus two is four.", "rejected": " Two plus two is five."},
 ]
 
 
@@ -34,7 +34,7 @@ def build_tiny_checkpoint(path: str, *, seed: int = 0) -> str:
     """A small random Qwen2-architecture model + BPE tokenizer saved as a HF folder at ``path``."""
     texts = []
     for r in SAMPLE_PAIRS:
-        for field in (r.prompt, r.chosen, r.rejected):
+        for field in r.values():
             texts.append(field if isinstance(field, str) else " ".join(m["content"] for m in field))
     tokenizer = train_bpe_tokenizer(texts * 4, vocab_size=320)
     config = ModelConfig(model_type="qwen2", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
@@ -61,10 +61,10 @@ def run(config, workdir: str) -> dict:
     reference_path = config.reference.path or model_path
     dtype = jnp.dtype(config.model.dtype)
     tokenizer = Tokenizer.from_pretrained(config.model.tokenizer_path or model_path)
-    records = read_preference_jsonl(config.data.path) if config.data.path else SAMPLE_PAIRS
+    records = read_jsonl(config.data.path).rows if config.data.path else SAMPLE_PAIRS
 
     def encode(side):
-        pairs = [tokenizer.encode_pair(r.prompt, getattr(r, side), max_prompt_length=config.max_prompt_length,
+        pairs = [tokenizer.encode_pair(r["prompt"], r[side], max_prompt_length=config.max_prompt_length,
                                        max_length=config.max_length) for r in records]
         return pack_pairs(pairs, config.max_length, tokenizer.pad_id)
 
@@ -84,7 +84,7 @@ def run(config, workdir: str) -> dict:
     print(f"model: {model_path}\nreference: {reference_path}\n")
     print(f"{'#':>2}  {'prompt':<28} {'len_w':>5} {'len_l':>5} {'logp_w':>9} {'logp_l':>9} {'margin':>8}")
     for i, rec in enumerate(records):
-        prompt = tokenizer.render_prompt(rec.prompt).replace("\n", " ")
+        prompt = tokenizer.render_prompt(rec["prompt"]).replace("\n", " ")
         margin = beta * float((c[i] - rc[i]) - (r[i] - rr[i]))
         rows.append({"prompt": prompt, "chosen_logp": float(c[i]), "rejected_logp": float(r[i]),
                      "chosen_length": int(c_len[i]), "rejected_length": int(r_len[i]), "reward_margin": margin})

@@ -1,0 +1,135 @@
+"""From records to fixed-shape batches: tokenization, padding, and grain iterators that checkpoint.
+
+Records are tokenized once, up front, into numpy arrays (static shapes: one compile per run, and
+index-aligned rows, so cached reference log-probs can ride along). grain serves them shuffled,
+sliced per process, with an iterator whose position is saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from sail_jax.data.records import Records, read_jsonl
+from sail_jax.tokenization import Tokenizer, TruncationError, pack_pairs, pad_left
+
+SOURCES = ("jsonl", "tfds")
+
+
+def load_records(data_cfg, split: str, kind: str) -> Records:
+    """Records of ``split`` ("train" or "eval") from the source the config names; logs skips."""
+    source, on_error = data_cfg.source, data_cfg.get("on_error", "raise")
+    if source == "jsonl":
+        path = data_cfg.train_path if split == "train" else data_cfg.eval_path
+        if not path:
+            raise ValueError(f"data.{split}_path is empty: set it to a JSONL file of {kind} records")
+        records = read_jsonl(path, kind, on_error)
+    elif source == "tfds":
+        from sail_jax.data.tfds_builders import read_tfds
+
+        tfds_split = data_cfg.train_split if split == "train" else data_cfg.eval_split
+        records = read_tfds(data_cfg.tfds_name, tfds_split, data_cfg.tfds_dir, kind, on_error)
+    else:
+        raise ValueError(f"data.source: unknown source {source!r}; valid: {list(SOURCES)}")
+    if records.skipped:
+        logging.warning("data (%s): skipped %d malformed rows; first: %s", split, records.skipped, records.first_error)
+    return records
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Tokenized rows ``{field: [n, ...]}`` and how many records could not be encoded."""
+
+    arrays: dict[str, np.ndarray]
+    skipped: int = 0
+
+    def __len__(self):
+        return len(next(iter(self.arrays.values())))
+
+
+def _encode_all(records: Records, encode_one, on_error: str) -> tuple[list[Any], int]:
+    out, skipped = [], records.skipped
+    for i, row in enumerate(records.rows):
+        try:
+            out.append(encode_one(row))
+        except TruncationError as e:
+            if on_error == "raise":
+                raise TruncationError(f"record {i}: {e} (or set data.on_error=skip to skip such rows)") from None
+            skipped += 1
+    if not out:
+        raise ValueError(f"no record could be encoded ({skipped} skipped); check max_length/max_prompt_length")
+    return out, skipped
+
+
+def encode_preference(records: Records, tokenizer: Tokenizer, *, max_prompt_length: int, max_length: int,
+                      on_error: str = "raise") -> Encoded:
+    """``chosen_*``/``rejected_*`` (right-padded rows with loss masks), ``prompt_ids``/``prompt_mask``
+    (left-padded, for sampling), and ``valid``."""
+
+    def one(row):
+        kw = dict(max_prompt_length=max_prompt_length, max_length=max_length)
+        return (tokenizer.encode_pair(row["prompt"], row["chosen"], **kw),
+                tokenizer.encode_pair(row["prompt"], row["rejected"], **kw))
+
+    pairs, skipped = _encode_all(records, one, on_error)
+    arrays = {}
+    for side, idx in (("chosen", 0), ("rejected", 1)):
+        for k, v in pack_pairs([p[idx] for p in pairs], max_length, tokenizer.pad_id).items():
+            arrays[f"{side}_{k}"] = v
+    arrays["prompt_ids"], arrays["prompt_mask"] = pad_left([p[0].prompt_ids for p in pairs], max_prompt_length,
+                                                           tokenizer.pad_id)
+    arrays["valid"] = np.ones(len(pairs), np.int32)
+    return Encoded(arrays, skipped)
+
+
+def encode_sft(records: Records, tokenizer: Tokenizer, *, max_prompt_length: int, max_length: int,
+               on_error: str = "raise") -> Encoded:
+    """``input_ids``, ``attention_mask``, ``loss_mask`` (response tokens) and ``valid``."""
+    pairs, skipped = _encode_all(records, lambda row: tokenizer.encode_pair(
+        row["prompt"], row["response"], max_prompt_length=max_prompt_length, max_length=max_length), on_error)
+    arrays = pack_pairs(pairs, max_length, tokenizer.pad_id)
+    arrays["valid"] = np.ones(len(pairs), np.int32)
+    return Encoded(arrays, skipped)
+
+
+class _Rows:
+    """Random-access source over index-aligned arrays (what ``grain.MapDataset.source`` takes)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def __len__(self):
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.arrays.items()}
+
+
+def train_iterator(arrays: dict[str, np.ndarray], batch_size: int, *, seed: int, process_index: int = 0,
+                   process_count: int = 1):
+    """Endless shuffled batches of this process's rows (``batch_size`` = per-process batch).
+
+    The returned grain iterator has ``get_state()``/``set_state()``: checkpoints store its position.
+    """
+    n = len(_Rows(arrays))
+    if n < process_count * batch_size:
+        raise ValueError(f"the training set has {n} rows, fewer than one global batch "
+                         f"({process_count} processes x {batch_size}); add data or lower the batch size")
+    ds = grain.MapDataset.source(_Rows(arrays))[process_index::process_count]
+    ds = ds.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+    return iter(ds.to_iter_dataset())
+
+
+def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, *, process_index: int = 0,
+                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Every row once, in order; the last batch is padded with ``valid = 0`` rows (static shapes)."""
+    rows = {k: v[process_index::process_count] for k, v in arrays.items()}
+    n = len(rows["valid"])
+    per_process = -(-len(arrays["valid"]) // process_count)  # the same batch count on every process
+    total = -(-per_process // batch_size) * batch_size
+    padded = {k: np.concatenate([v, np.zeros((total - n,) + v.shape[1:], v.dtype)]) for k, v in rows.items()}
+    return [{k: v[i:i + batch_size] for k, v in padded.items()} for i in range(0, total, batch_size)]

@@ -1,0 +1,94 @@
+"""Training objectives of the offline recipes: ``(model, batch, frozen, rng) -> (loss, metrics)``.
+
+Batches are the arrays of ``sail_jax.data.pipeline``; every row carries ``valid`` (0 for eval
+padding), and every mean below is over valid rows only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sail_jax.logprobs import sequence_logprobs, token_logprobs
+from sail_jax.losses import check_loss_type, masked_mean, preference_loss, preference_metrics
+
+REFERENCE_MODES = ("model", "cached", "none")  # live reference forward, precomputed log-probs, reference-free
+
+
+def _pair_batch(batch):
+    """Chosen and rejected rows stacked into one ``[2b, t]`` batch: one forward pass for both."""
+    cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)  # noqa: E731
+    return cat("input_ids"), cat("attention_mask"), cat("loss_mask")
+
+
+def pair_logps(model, batch):
+    """``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[b]``."""
+    ids, mask, loss_mask = _pair_batch(batch)
+    logps, lengths = sequence_logprobs(model(ids, mask), ids, loss_mask)
+    b = batch["chosen_input_ids"].shape[0]
+    return logps[:b], logps[b:], lengths[:b], lengths[b:]
+
+
+def sft_objective(model, batch, frozen, rng):
+    """Mean negative log-likelihood per response token."""
+    del frozen, rng
+    ids = batch["input_ids"]
+    logp = token_logprobs(model(ids, batch["attention_mask"])[:, :-1], ids[:, 1:])
+    mask = (batch["loss_mask"][:, 1:] * batch["valid"][:, None]).astype(jnp.float32)
+    tokens = jnp.sum(mask)
+    nll = -jnp.sum(logp * mask) / jnp.maximum(tokens, 1.0)
+    return nll, {"nll": nll, "perplexity": jnp.exp(nll), "tokens": tokens}
+
+
+def reward_objective(model, batch, frozen, rng):
+    """Bradley–Terry: ``−log σ(r(chosen) − r(rejected))`` with the reward-model head."""
+    del frozen, rng
+    ids, mask, _ = _pair_batch(batch)
+    scores = model(ids, mask)
+    b = batch["chosen_input_ids"].shape[0]
+    chosen, rejected = scores[:b], scores[b:]
+    valid = batch["valid"]
+    loss = masked_mean(-jax.nn.log_sigmoid(chosen - rejected), valid)
+    return loss, {
+        "rewards/chosen": masked_mean(chosen, valid),
+        "rewards/rejected": masked_mean(rejected, valid),
+        "rewards/margins": masked_mean(chosen - rejected, valid),
+        "rewards/accuracies": masked_mean((chosen > rejected).astype(jnp.float32), valid),
+    }
+
+
+def reference_logps(graphdef, reference_params, batch):
+    """The frozen reference's ``(chosen_logps, rejected_logps)`` (no gradient flows into them)."""
+    c, r, _, _ = pair_logps(nnx.merge(graphdef, reference_params), batch)
+    return jax.lax.stop_gradient(c), jax.lax.stop_gradient(r)
+
+
+def make_dpo_objective(loss_cfg, graphdef, reference_mode: str):
+    """Offline preference optimisation with ``loss_cfg.loss_type`` (any of ``losses.LOSS_TYPES``).
+
+    ``reference_mode``: ``model`` reads the reference parameters from ``frozen["reference"]``,
+    ``cached`` reads ``ref_chosen_logps``/``ref_rejected_logps`` from the batch, ``none`` is
+    reference-free.
+    """
+    check_loss_type(loss_cfg.loss_type)
+    if reference_mode not in REFERENCE_MODES:
+        raise ValueError(f"unknown reference mode {reference_mode!r}; valid: {list(REFERENCE_MODES)}")
+    beta, smoothing = float(loss_cfg.beta), float(loss_cfg.get("label_smoothing", 0.0))
+
+    def objective(model, batch, frozen, rng):
+        del rng
+        c, r, c_len, r_len = pair_logps(model, batch)
+        if reference_mode == "model":
+            rc, rr = reference_logps(graphdef, frozen["reference"], batch)
+        elif reference_mode == "cached":
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            rc = rr = None
+        valid = batch["valid"]
+        per_example = preference_loss(loss_cfg.loss_type, c, r, rc, rr, beta=beta, label_smoothing=smoothing,
+                                      chosen_lengths=c_len, rejected_lengths=r_len)
+        metrics = preference_metrics(c, r, rc, rr, beta=beta, mask=valid)
+        return masked_mean(per_example, valid), metrics
+
+    return objective

@@ -1,0 +1,173 @@
+"""Train state, jitted train/eval steps on a mesh, orbax checkpoints with exact resume, metric logs.
+
+A step is a pure function ``(TrainState, batch, frozen) -> (TrainState, metrics)`` compiled once with
+explicit in/out shardings and the state donated. ``frozen`` carries read-only arrays the loss needs
+(the reference model's parameters), sharded like the policy's. Randomness inside a step comes from
+``fold_in(key(seed), step)``, so the step counter *is* the PRNG state: a resumed run draws the same
+keys as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sail_jax.optim import learning_rate
+from sail_jax.sharding import batch_sharding, opt_state_shardings, param_shardings
+
+# loss_fn(model, batch, frozen, rng) -> (scalar loss, {name: scalar metric})
+LossFn = Callable[[nnx.Module, dict, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: train-step calls so far (micro-steps under gradient accumulation)
+    params: Any  # nnx.State of the policy's parameters
+    opt_state: Any
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh):
+    """``(graphdef, state, shardings)`` with parameters and optimizer state laid out on ``mesh``."""
+    graphdef, params = nnx.split(model)
+    p_shardings = param_shardings(params, mesh)
+    params = jax.device_put(params, p_shardings)
+    o_shardings = opt_state_shardings(tx, jax.eval_shape(tx.init, params), params, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=o_shardings)(params)
+    replicated = NamedSharding(mesh, P())
+    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
+    return graphdef, state, TrainState(replicated, p_shardings, o_shardings)
+
+
+def frozen_copy(tree, shardings):
+    """A separate copy (the train state is donated, so a reference must not share its buffers)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, mesh: Mesh, state_shardings,
+                    frozen_shardings, *, seed: int):
+    """The jitted update; the state argument is donated."""
+    replicated = NamedSharding(mesh, P())
+
+    def step(state: TrainState, batch, frozen):
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+        def objective(params):
+            return loss_fn(nnx.merge(graphdef, params), batch, frozen, rng)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": learning_rate(opt_state)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), frozen_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(graphdef, loss_fn: LossFn, mesh: Mesh, param_shardings_, frozen_shardings, *, seed: int):
+    """``(params, batch, frozen) -> metrics`` (the loss included), no gradients."""
+
+    def step(params, batch, frozen):
+        loss, metrics = loss_fn(nnx.merge(graphdef, params), batch, frozen, jax.random.key(seed))
+        return {**metrics, "loss": loss}
+
+    return jax.jit(step, in_shardings=(param_shardings_, batch_sharding(mesh), frozen_shardings),
+                   out_shardings=NamedSharding(mesh, P()))
+
+
+def abstract_like(tree, shardings):
+    """``ShapeDtypeStruct``s carrying the target shardings: what orbax restores into."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpoints:
+    """orbax ``CheckpointManager``: the train state plus a JSON blob (data iterator position, counters).
+
+    Saves every ``every`` steps and at the end, keeps the last ``keep``, writes asynchronously.
+    A checkpoint only becomes visible once complete, so a run killed mid-save resumes from the
+    previous one.
+    """
+
+    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+        self.every = every
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, abstract_state) -> tuple[Any, dict] | None:
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
+        return out["state"], out["extra"]
+
+    def maybe_save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
+        if not force and (self.every <= 0 or step % self.every):
+            return False
+        if self.manager.latest_step() == step:
+            return False
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=True)
+        return True
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class MetricLogger:
+    """``metrics.jsonl`` (one object per line: step, split, metrics) and TensorBoard events.
+
+    Only process 0 writes; values are fetched to host floats here.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._file = self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> dict[str, float]:
+        values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+        if self.enabled:
+            self._file.write(json.dumps({"step": int(step), "split": split, "time": time.time(), **values}) + "\n")
+            self._file.flush()
+            for k, v in values.items():
+                self._tb.add_scalar(f"{split}/{k}", v, int(step))
+        return values
+
+    def close(self):
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+def mean_metrics(batches: list[dict[str, Any]], weights: list[float]) -> dict[str, float]:
+    """Weighted mean of per-batch metric dicts (weights: valid rows per batch)."""
+    total = sum(weights)
+    if total == 0:
+        return {}
+    host = jax.device_get(batches)
+    return {k: sum(float(b[k]) * w for b, w in zip(host, weights)) / total for k in host[0]}

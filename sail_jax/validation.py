@@ -1,0 +1,72 @@
+"""Config validation: fail before any work, naming the offending key, its value and the valid choices."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+
+from sail_jax.data.pipeline import SOURCES
+from sail_jax.data.records import ON_ERROR
+from sail_jax.losses import LOSS_TYPES
+from sail_jax.optim import OPTIMIZERS, SCHEDULES
+from sail_jax.sharding import AXES, resolve_axis_sizes
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work."""
+
+
+def _require(ok: bool, message: str):
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_mesh_and_batches(config, *batch_keys: str) -> tuple[int, ...]:
+    """The mesh divides the devices and every batch size divides over the data-parallel axes."""
+    try:
+        sizes = resolve_axis_sizes(dict(config.mesh), jax.device_count())
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    dp = sizes[AXES.index("data")] * sizes[AXES.index("fsdp")]
+    for key in batch_keys:
+        value = config[key]
+        _require(isinstance(value, int) and value >= 1, f"config.{key}={value!r} must be a positive integer")
+        _require(value % dp == 0, f"config.{key}={value} is not divisible by the data-parallel size {dp} "
+                                  f"(mesh data x fsdp = {sizes[0]} x {sizes[1]}); use a multiple of {dp}")
+        _require(value % jax.process_count() == 0,
+                 f"config.{key}={value} is not divisible by the {jax.process_count()} processes")
+    return sizes
+
+
+def validate_optim(optim) -> None:
+    _require(optim.name in OPTIMIZERS, f"config.optim.name={optim.name!r} is unknown; valid: {sorted(OPTIMIZERS)}")
+    _require(optim.schedule in SCHEDULES, f"config.optim.schedule={optim.schedule!r} is unknown; valid: {list(SCHEDULES)}")
+    _require(float(optim.learning_rate) >= 0 and math.isfinite(float(optim.learning_rate)),
+             f"config.optim.learning_rate={optim.learning_rate!r} must be a finite number >= 0")
+
+
+def validate_training_config(config) -> None:
+    from sail_jax.recipes.offline import RECIPES
+
+    _require(config.recipe in RECIPES, f"config.recipe={config.recipe!r}: valid offline recipes {sorted(RECIPES)}")
+    _require(bool(config.model.path), "config.model.path is empty: point it at a local Hugging Face model folder")
+    _require(os.path.isdir(config.model.path), f"config.model.path={config.model.path!r} is not a folder")
+    for key in ("steps", "log_every", "eval_every"):
+        _require(int(config[key]) >= 1, f"config.{key}={config[key]!r} must be >= 1")
+    _require(int(config.checkpoint.every) >= 0, "config.checkpoint.every must be >= 0 (0: only at the end)")
+    _require(int(config.checkpoint.keep) >= 1, "config.checkpoint.keep must be >= 1")
+    validate_optim(config.optim)
+    validate_mesh_and_batches(config, "batch_size", "eval_batch_size")
+    d = config.data
+    _require(d.source in SOURCES, f"config.data.source={d.source!r} is unknown; valid: {list(SOURCES)}")
+    _require(d.get("on_error", "raise") in ON_ERROR, f"config.data.on_error={d.on_error!r}; valid: {list(ON_ERROR)}")
+    _require(0 < d.max_prompt_length < d.max_length,
+             f"config.data: need 0 < max_prompt_length ({d.max_prompt_length}) < max_length ({d.max_length})")
+    if config.recipe == "dpo":
+        _require(config.loss.loss_type in LOSS_TYPES,
+                 f"config.loss.loss_type={config.loss.loss_type!r} is unknown; valid: {sorted(LOSS_TYPES)}")
+        _require(float(config.loss.beta) > 0, f"config.loss.beta={config.loss.beta!r} must be > 0")
+        _require(not (config.reference.free and config.reference.precompute),
+                 "config.reference: free (reference-free) and precompute cannot both be set")
