@@ -60,3 +60,62 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 3, "async_save": True})
     c.export = True
     return c
+
+
+# The online variants of ../shared/SAIL.md, as overrides of ``sail_config``: routes and coefficients.
+VARIANTS = {
+    "offline_dpo": dict(p_dp=0.0, p_pp=0.0, p_pr=0.0),
+    "online_dpo": dict(p_pr=1.0, gamma=0.0),
+    "iterative_dpo": dict(p_pr=1.0, gamma=0.0, interval=8),
+    "sail_pr": dict(p_pr=0.3),
+    "sail_pp": dict(p_pp=0.3),
+    "sail_dp": dict(p_dp=0.4),
+    "sail_mixed": dict(p_dp=0.2, p_pp=0.2, p_pr=0.2),
+    "released_code": dict(p_pp=0.3, score_term="released_code"),
+}
+
+
+def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
+    """The online loop's config. Empty ``model.path``: the built-in task (tiny model, SFT warm start,
+    oracle-labelled preference set, all built in ``task.dir`` on first use)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SAIL variant {variant!r}; valid: {sorted(VARIANTS)}")
+    c = base_config("sail")
+    c.variant = variant
+    c.data.max_prompt_length = 12
+    c.data.max_response_length = 12
+    c.task = ml_collections.ConfigDict({
+        "dir": "",  # where the built-in task's tokenizer, SFT model and preference data live (default workdir/task)
+        "sft_steps": 400, "sft_examples": 4096, "preference_train": 2048, "preference_eval": 128,
+        "label_temperature": 0.1,  # Bradley–Terry temperature of the oracle labels of the offline set
+    })
+    c.reward = ml_collections.ConfigDict({"kind": "builtin", "path": "", "missing_eos_penalty": 0.5})
+    c.sail = ml_collections.ConfigDict({
+        "p_dp": 0.0, "p_pp": 0.0, "p_pr": 0.0,
+        "rho": 0.2, "lam": 0.2, "gamma": 0.3,
+        "baseline": "batch_mean", "baseline_decay": 0.9,
+        "score_term": "unbiased",  # or released_code (compatibility mode)
+        "score_temperature": placeholder(float),  # default: generation.temperature
+        "num_samples": 2,
+        "pair_selection": "first_two",  # first_two | max_min | random
+        "pp_label_mode": "sample", "pr_label_mode": "argmax",
+    })
+    c.generation = ml_collections.ConfigDict({"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 12,
+                                              "interval": 1, "reuse": 1})
+    c.reference.sync_every = 0  # TR-DPO-style reference sync (0: never; the reference stays the SFT model)
+    c.reference.sync_alpha = 1.0
+    c.loss.beta = 0.1
+    c.optim.name = "rmsprop"  # as in the SAIL paper
+    c.optim.learning_rate = 3e-4
+    c.optim.schedule = "constant"
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.steps = 150
+    c.log_every = 10
+    c.eval_every = 50
+    c.checkpoint.every = 50
+    overrides = dict(VARIANTS[variant])
+    c.generation.interval = overrides.pop("interval", 1)
+    for k, v in overrides.items():
+        c.sail[k] = v
+    return c

@@ -1,4 +1,5 @@
-"""Training objectives of the offline recipes: ``(model, batch, frozen, rng) -> (loss, metrics)``.
+"""Training objectives: ``(model, batch, frozen, rng) -> (loss, metrics)`` for SFT, reward models, offline
+preference optimisation and SAIL's online batch.
 
 Batches are the arrays of ``sail_jax.data.pipeline``; every row carries ``valid`` (0 for eval
 padding), and every mean below is over valid rows only.
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sail_jax.logprobs import sequence_logprobs, token_logprobs
-from sail_jax.losses import check_loss_type, masked_mean, preference_loss, preference_metrics
+from sail_jax.losses import check_loss_type, masked_mean, preference_loss, preference_metrics, sail_loss
 
 REFERENCE_MODES = ("model", "cached", "none")  # live reference forward, precomputed log-probs, reference-free
 
@@ -90,5 +91,54 @@ def make_dpo_objective(loss_cfg, graphdef, reference_mode: str):
                                       chosen_lengths=c_len, rejected_lengths=r_len)
         metrics = preference_metrics(c, r, rc, rr, beta=beta, mask=valid)
         return masked_mean(per_example, valid), metrics
+
+    return objective
+
+
+def join_prompt_response(prompt_ids, prompt_mask, response, response_mask):
+    """``[n, P + T]`` rows of a left-padded prompt followed by a right-padded response, with the
+    loss mask on the response (positions come from the mask, so the gap of padding is harmless)."""
+    ids = jnp.concatenate([prompt_ids, response], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    loss_mask = jnp.concatenate([jnp.zeros_like(prompt_mask), response_mask], axis=1)
+    return ids, mask, loss_mask
+
+
+def response_logps(model, prompt_ids, prompt_mask, response, response_mask, *, temperature: float = 1.0):
+    """``log π(response | prompt)`` ``[n]`` (at ``temperature``) and the response lengths."""
+    ids, mask, loss_mask = join_prompt_response(prompt_ids, prompt_mask, response, response_mask)
+    return sequence_logprobs(model(ids, mask), ids, loss_mask, temperature=temperature)
+
+
+def make_sail_objective(loss_cfg, sail_cfg, *, score_temperature: float = 1.0):
+    """SAIL's per-route loss (``losses.sail_loss``) on the online batch.
+
+    The batch holds, per example: the prompt, the labelled pair's responses (dataset or sampled),
+    their reference log-probs (computed when labelling), ``route`` and ``valid`` (false for dropped
+    ties). ``frozen["baseline"]`` is the running score-function baseline.
+    """
+    beta, t = float(loss_cfg.beta), float(score_temperature)
+
+    def objective(model, batch, frozen, rng):
+        del rng
+        b = batch["route"].shape[0]
+        prompt_ids = jnp.concatenate([batch["prompt_ids"]] * 2, axis=0)
+        prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2, axis=0)
+        response = jnp.concatenate([batch["chosen_response"], batch["rejected_response"]], axis=0)
+        response_mask = jnp.concatenate([batch["chosen_response_mask"], batch["rejected_response_mask"]], axis=0)
+        ids, mask, loss_mask = join_prompt_response(prompt_ids, prompt_mask, response, response_mask)
+        logits = model(ids, mask)
+        logps, lengths = sequence_logprobs(logits, ids, loss_mask)
+        score = sequence_logprobs(logits, ids, loss_mask, temperature=t)[0] if t != 1.0 else logps
+        valid = batch["valid"]
+        per_example, metrics = sail_loss(
+            logps[:b], logps[b:], batch["ref_chosen_logps"], batch["ref_rejected_logps"], batch["route"],
+            beta=beta, rho=float(sail_cfg.rho), lam=float(sail_cfg.lam), gamma=float(sail_cfg.gamma),
+            baseline=sail_cfg.baseline, score_term=sail_cfg.score_term, loss_type=loss_cfg.loss_type,
+            label_smoothing=float(loss_cfg.get("label_smoothing", 0.0)), score_chosen_logps=score[:b],
+            score_rejected_logps=score[b:], mask=valid, baseline_state=frozen["baseline"],
+            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:])
+        loss = jnp.sum(per_example) / jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+        return loss, metrics
 
     return objective

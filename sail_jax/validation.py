@@ -70,3 +70,44 @@ def validate_training_config(config) -> None:
         _require(float(config.loss.beta) > 0, f"config.loss.beta={config.loss.beta!r} must be > 0")
         _require(not (config.reference.free and config.reference.precompute),
                  "config.reference: free (reference-free) and precompute cannot both be set")
+
+
+def validate_online_config(config) -> None:
+    """The online loop's config (../shared/SAIL.md): routes, coefficients, sampling and the buffer."""
+    from sail_jax.labeling import LABEL_MODES, PAIR_SELECTION
+    from sail_jax.losses import BASELINES, SCORE_TERMS
+    from sail_jax.rewards import REWARD_KINDS
+
+    s, g = config.sail, config.generation
+    _require(os.path.isdir(config.model.path), f"config.model.path={config.model.path!r} is not a folder")
+    probs = {k: float(s[k]) for k in ("p_dp", "p_pp", "p_pr")}
+    _require(all(p >= 0 for p in probs.values()) and sum(probs.values()) <= 1 + 1e-9,
+             f"config.sail: route probabilities {probs} must be >= 0 and sum to <= 1 (the rest is offline DPO)")
+    for key in ("rho", "lam", "gamma"):
+        _require(float(s[key]) >= 0, f"config.sail.{key}={s[key]!r} must be >= 0")
+    _require(int(s.num_samples) >= 2, f"config.sail.num_samples={s.num_samples} must be >= 2 (a pair per prompt)")
+    _require(s.pair_selection in PAIR_SELECTION,
+             f"config.sail.pair_selection={s.pair_selection!r} is unknown; valid: {list(PAIR_SELECTION)}")
+    for key in ("pp_label_mode", "pr_label_mode"):
+        _require(s[key] in LABEL_MODES, f"config.sail.{key}={s[key]!r} is unknown; valid: {list(LABEL_MODES)}")
+    _require(s.baseline in BASELINES, f"config.sail.baseline={s.baseline!r} is unknown; valid: {list(BASELINES)}")
+    _require(s.score_term in SCORE_TERMS,
+             f"config.sail.score_term={s.score_term!r} is unknown; valid: {list(SCORE_TERMS)}")
+    _require(config.reward.kind in REWARD_KINDS,
+             f"config.reward.kind={config.reward.kind!r} is unknown; valid: {list(REWARD_KINDS)}")
+    _require(float(g.temperature) > 0, f"config.generation.temperature={g.temperature} must be > 0 for sampling")
+    _require(int(g.max_new_tokens) <= int(config.data.max_response_length),
+             f"config.generation.max_new_tokens={g.max_new_tokens} exceeds data.max_response_length="
+             f"{config.data.max_response_length}; sampled responses must fit the batch layout")
+    block = int(g.interval) * int(g.reuse)
+    _require(int(g.interval) >= 1 and int(g.reuse) >= 1, "config.generation.interval and reuse must be >= 1")
+    _require(int(config.checkpoint.every) % block == 0,
+             f"config.checkpoint.every={config.checkpoint.every} must be a multiple of generation.interval x reuse "
+             f"= {block}, so checkpoints fall between generation blocks (exact resume)")
+    for key in ("steps", "log_every", "eval_every"):
+        _require(int(config[key]) >= 1, f"config.{key}={config[key]!r} must be >= 1")
+    _require(float(config.loss.beta) > 0, f"config.loss.beta={config.loss.beta!r} must be > 0")
+    _require(config.loss.loss_type in LOSS_TYPES,
+             f"config.loss.loss_type={config.loss.loss_type!r} is unknown; valid: {sorted(LOSS_TYPES)}")
+    validate_optim(config.optim)
+    validate_mesh_and_batches(config, "batch_size", "eval_batch_size")

@@ -51,7 +51,7 @@ class Encoded:
         return len(next(iter(self.arrays.values())))
 
 
-def _encode_all(records: Records, encode_one, on_error: str) -> tuple[list[Any], int]:
+def _encode_all(records: Records, encode_one, on_error: str, dropped: list[int] | None = None) -> tuple[list[Any], int]:
     out, skipped = [], records.skipped
     for i, row in enumerate(records.rows):
         try:
@@ -60,6 +60,8 @@ def _encode_all(records: Records, encode_one, on_error: str) -> tuple[list[Any],
             if on_error == "raise":
                 raise TruncationError(f"record {i}: {e} (or set data.on_error=skip to skip such rows)") from None
             skipped += 1
+            if dropped is not None:
+                dropped.append(i)
     if not out:
         raise ValueError(f"no record could be encoded ({skipped} skipped); check max_length/max_prompt_length")
     return out, skipped
@@ -133,3 +135,34 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, *, process_inde
     total = -(-per_process // batch_size) * batch_size
     padded = {k: np.concatenate([v, np.zeros((total - n,) + v.shape[1:], v.dtype)]) for k, v in rows.items()}
     return [{k: v[i:i + batch_size] for k, v in padded.items()} for i in range(0, total, batch_size)]
+
+
+def encode_online(records: Records, tokenizer: Tokenizer, *, max_prompt_length: int, max_response_length: int,
+                  on_error: str = "raise") -> Encoded:
+    """The online loop's layout: ``prompt_ids``/``prompt_mask`` left-padded to ``max_prompt_length``
+    (what the sampler takes), and the dataset pair's responses right-padded to
+    ``max_response_length`` (``chosen_response``/``chosen_response_mask``, same for rejected), so a
+    sampled response can stand in for a dataset one row by row."""
+
+    def one(row):
+        prompt = tokenizer.encode_prompt(row["prompt"])[-max_prompt_length:]
+        responses = [tokenizer.encode_response(row["prompt"], row[side]) for side in ("chosen", "rejected")]
+        if not prompt or any(len(r) > max_response_length for r in responses):
+            raise TruncationError(f"a response is longer than max_response_length={max_response_length} "
+                                  "tokens (or the prompt is empty); raise the limit")
+        return prompt, responses
+
+    dropped: list[int] = []
+    rows, skipped = _encode_all(records, one, on_error, dropped)
+    arrays = {}
+    arrays["prompt_ids"], arrays["prompt_mask"] = pad_left([r[0] for r in rows], max_prompt_length, tokenizer.pad_id)
+    for i, side in enumerate(("chosen", "rejected")):
+        ids = np.full((len(rows), max_response_length), tokenizer.pad_id, np.int32)
+        mask = np.zeros((len(rows), max_response_length), np.int32)
+        for j, (_, responses) in enumerate(rows):
+            ids[j, :len(responses[i])] = responses[i]
+            mask[j, :len(responses[i])] = 1
+        arrays[f"{side}_response"], arrays[f"{side}_response_mask"] = ids, mask
+    arrays["index"] = np.setdiff1d(np.arange(len(records.rows)), dropped).astype(np.int32)
+    arrays["valid"] = np.ones(len(rows), np.int32)
+    return Encoded(arrays, skipped)

@@ -1,8 +1,8 @@
 """Recipes: what ``sail-jax --config=...`` runs, chosen by ``config.recipe``."""
 
-from sail_jax.recipes import offline, score_pairs
+from sail_jax.recipes import offline, sail, score_pairs
 
-RECIPES = {"score_pairs": score_pairs.run, **{name: offline.run for name in offline.RECIPES}}
+RECIPES = {"score_pairs": score_pairs.run, "sail": sail.run, **{name: offline.run for name in offline.RECIPES}}
 
 
 def get_recipe(name: str):

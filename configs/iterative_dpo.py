@@ -1,0 +1,12 @@
+"""The online loop, variant `iterative_dpo` (see sail_jax.configs.VARIANTS and ../shared/SAIL.md).
+
+    sail-jax --config=configs/iterative_dpo.py --workdir=runs/iterative_dpo
+
+With no model.path this runs the built-in task end to end on CPU.
+"""
+
+from sail_jax.configs import sail_config
+
+
+def get_config():
+    return sail_config("iterative_dpo")

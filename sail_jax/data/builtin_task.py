@@ -1,0 +1,78 @@
+"""The built-in task: "say something nice about the topic", with a programmatic oracle reward.
+
+Prompts name a topic (``"Topic: apple. Describe it:"``); responses are short word sequences. The
+oracle, which the policy only ever sees through preference labels, rewards
+
+  +0.3       for opening with the topic word,
+  +0.7 · s   where s = (#positive − #negative) / (#positive + #negative) over sentiment words,
+  −0.5 · u   where u is the fraction of words outside the task vocabulary (gibberish),
+
+so rewards lie in [−1.2, 1]. The SFT demonstrations open with the topic only 60% of the time and
+pick positive and negative words evenly, so an SFT policy scores about 0.2 and leaves clear room to
+improve. Everything is generated offline from a seed: no downloads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TOPICS = ("apple", "river", "garden", "music", "winter", "city", "coffee", "forest", "ocean", "book",
+          "train", "dog", "sunset", "bread", "mountain", "school")
+POSITIVE = ("great", "lovely", "bright", "calm", "warm", "fresh", "kind", "happy", "sweet", "gentle", "clean",
+            "nice")
+NEGATIVE = ("awful", "dull", "cold", "noisy", "bitter", "dirty", "sad", "harsh", "stale", "gloomy", "rough",
+            "ugly")
+FILLERS = ("it", "is", "and", "very", "so", "quite", "the", "feels", "looks", "always", "today")
+VOCABULARY = frozenset(TOPICS + POSITIVE + NEGATIVE + FILLERS)
+TOPIC_BONUS, SENTIMENT_WEIGHT, GIBBERISH_PENALTY = 0.3, 0.7, 0.5
+
+
+def make_prompt(topic: str) -> str:
+    return f"Topic: {topic}. Describe it:"
+
+
+def topic_of(prompt: str) -> str:
+    return prompt.split("Topic: ", 1)[1].split(".", 1)[0] if "Topic: " in prompt else ""
+
+
+def oracle_reward(prompt: str, response: str) -> float:
+    """The task's ground-truth reward of one response (see the module docstring)."""
+    words = response.replace(".", " ").split()
+    if not words:
+        return -1.0
+    reward = TOPIC_BONUS if words[0] == topic_of(prompt) else 0.0
+    pos = sum(w in POSITIVE for w in words)
+    neg = sum(w in NEGATIVE for w in words)
+    if pos + neg:
+        reward += SENTIMENT_WEIGHT * (pos - neg) / (pos + neg)
+    reward -= GIBBERISH_PENALTY * sum(w not in VOCABULARY for w in words) / len(words)
+    return float(reward)
+
+
+def prompts(n: int, seed: int) -> list[str]:
+    rng = np.random.RandomState(seed)
+    return [make_prompt(TOPICS[i]) for i in rng.randint(len(TOPICS), size=n)]
+
+
+def demonstration(prompt: str, rng: np.random.RandomState) -> str:
+    """An SFT response: topic first 60% of the time, 1-3 sentiment words, each positive w.p. 1/2."""
+    words = [topic_of(prompt) if rng.rand() < 0.6 else str(rng.choice(["it", "the"]))]
+    words += [str(rng.choice(["is", "feels", "looks"]))]
+    for i in range(rng.randint(1, 4)):
+        if i:
+            words.append(str(rng.choice(["and", "so", "very"])))
+        words.append(str(rng.choice(POSITIVE if rng.rand() < 0.5 else NEGATIVE)))
+    return " " + " ".join(words) + "."
+
+
+def sft_records(n: int, seed: int) -> list[dict]:
+    rng = np.random.RandomState(seed + 1)
+    return [{"prompt": p, "response": demonstration(p, rng)} for p in prompts(n, seed)]
+
+
+def tokenizer_corpus() -> list[str]:
+    """Texts that give every task word its own BPE token."""
+    rng = np.random.RandomState(0)
+    texts = [make_prompt(t) for t in TOPICS] + [" " + " ".join(VOCABULARY) + "."]
+    texts += [r["response"] for r in sft_records(400, 0)]
+    return [t for t in texts for _ in range(3)] + [" ".join(rng.permutation(sorted(VOCABULARY)))]

@@ -1,0 +1,279 @@
+"""The SAIL online loop (../shared/SAIL.md): route -> sample -> label -> one jitted step -> log/eval.
+
+Per step, for a batch of prompts with their dataset pairs:
+  1. route each example (offline / DP / PP / PR) with ``sail.p_dp/p_pp/p_pr``;
+  2. PP/PR examples take k samples per prompt from the current policy (the jitted sampler), drawn in
+     blocks of ``generation.interval`` batches, each batch used ``generation.reuse`` times;
+  3. label: PP by the policy's implicit reward (current θ), PR by the reward source, DP by
+     resampling the dataset label from the policy; ties under argmax are dropped and counted;
+  4. one train step on ``sail_loss``; reference log-probs come from the labelling pass, the
+     reference model itself is never updated (unless ``reference.sync_every`` asks for TR-DPO sync).
+
+Every random draw comes from ``fold_in(key(seed), step)``, and checkpoints fall on generation-block
+boundaries, so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from sail_jax.evaluate import Evaluator, decode_responses, make_logp_fn
+from sail_jax.labeling import dp_swaps, draw_routes, preference_labels, select_pairs
+from sail_jax.losses import ROUTE_DP, ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood, update_running_baseline
+from sail_jax.objectives import make_sail_objective
+from sail_jax.sampling import generate
+from sail_jax.sharding import batch_sharding, shard_batch
+from sail_jax.train import Checkpoints, MetricLogger, abstract_like, create_train_state, frozen_copy, make_train_step
+
+_ROUTE_KEY, _GEN_KEY, _SELECT_KEY, _LABEL_KEY, _DP_KEY = range(5)
+
+
+@dataclasses.dataclass
+class Block:
+    """Samples for ``interval`` prompt batches, generated at ``step`` by the policy of that moment."""
+
+    step: int
+    batches: list[dict[str, np.ndarray]]
+    samples: list[dict[str, np.ndarray]]  # tokens/mask/finished [b*k, T] per batch, prompt-major
+    gen_seconds: float
+    gen_tokens: int
+
+
+class OnlineLoop:
+    """Owns the train state, the reference, the prompt iterator and the generation buffer."""
+
+    def __init__(self, config, *, model, tokenizer, mesh, prompt_iterator, train_prompts, reward_source, evaluator_args,
+                 workdir):
+        self.config, self.tokenizer, self.mesh, self.workdir = config, tokenizer, mesh, workdir
+        self.sail, self.gen = config.sail, config.generation
+        self.beta = float(config.loss.beta)
+        self.block_len = int(self.gen.interval) * int(self.gen.reuse)
+        self.needs_samples = float(self.sail.p_pp) + float(self.sail.p_pr) > 0
+        from sail_jax.optim import make_optimizer
+
+        self.tx = make_optimizer(config.optim, config.steps)
+        self.graphdef, self.state, self.shardings = create_train_state(model, self.tx, mesh)
+        self.ref_params = frozen_copy(self.state.params, self.shardings.params)
+        self.logp = make_logp_fn(self.graphdef)
+        replicated = NamedSharding(mesh, P())
+        self.frozen_shardings = {"baseline": replicated}
+        objective = make_sail_objective(config.loss, self.sail, score_temperature=self._score_temperature())
+        self.train_step = make_train_step(self.graphdef, self.tx, objective, mesh, self.shardings,
+                                          self.frozen_shardings, seed=config.seed)
+        self.baseline = RunningBaseline.init()
+        self.prompts = prompt_iterator
+        self.reward_source = reward_source
+        self.train_prompts = train_prompts  # record prompts by row, for reward sources that read text
+        self.key = jax.random.key(config.seed)
+        self.block: Block | None = None
+        self.evaluator = Evaluator(self.graphdef, self.ref_params, reward_source=reward_source, tokenizer=tokenizer,
+                                   gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
+                                   missing_eos_penalty=float(config.reward.missing_eos_penalty), **evaluator_args)
+
+    def _score_temperature(self) -> float:
+        t = self.sail.get("score_temperature", None)
+        return float(self.gen.temperature if t is None else t)
+
+    def _key(self, kind: int, step: int) -> jax.Array:
+        return jax.random.fold_in(jax.random.fold_in(self.key, kind), step)
+
+    # ------------------------------------------------------------------ generation buffer
+    def _generate_block(self, step: int) -> Block:
+        batches = [next(self.prompts) for _ in range(int(self.gen.interval))]
+        samples, seconds, tokens = [], 0.0, 0
+        if self.needs_samples:
+            model = nnx.merge(self.graphdef, self.state.params)
+            for i, batch in enumerate(batches):
+                t0 = time.time()
+                out = generate(model, batch["prompt_ids"], batch["prompt_mask"], self._key(_GEN_KEY, step * 1000 + i),
+                               max_new_tokens=int(self.gen.max_new_tokens), temperature=float(self.gen.temperature),
+                               top_k=int(self.gen.top_k), top_p=float(self.gen.top_p), eos_ids=self.tokenizer.eos_id,
+                               num_samples=int(self.sail.num_samples), pad_id=self.tokenizer.pad_id,
+                               batch_sharding=batch_sharding(self.mesh))
+                s = {"tokens": np.asarray(out.tokens), "mask": np.asarray(out.mask),
+                     "finished": np.asarray(out.finished)}
+                seconds += time.time() - t0
+                tokens += int(s["mask"].sum())
+                samples.append(s)
+        return Block(step, batches, samples, seconds, tokens)
+
+    # ------------------------------------------------------------------ labelling
+    def _logps(self, params, prompt_ids, prompt_mask, response, mask) -> np.ndarray:
+        return np.asarray(self.logp(params, prompt_ids, prompt_mask, response, mask))
+
+    def label(self, step: int, batch: dict, samples: dict | None) -> tuple[dict, dict]:
+        """The train batch (pair per example, per its route) and the labelling metrics."""
+        b = len(batch["valid"])
+        p, pm = batch["prompt_ids"], batch["prompt_mask"]
+        routes = np.asarray(draw_routes(self._key(_ROUTE_KEY, step), b, p_dp=float(self.sail.p_dp),
+                                        p_pp=float(self.sail.p_pp), p_pr=float(self.sail.p_pr)))
+        out = {k: batch[k].copy() for k in ("prompt_ids", "prompt_mask", "chosen_response", "chosen_response_mask",
+                                              "rejected_response", "rejected_response_mask")}
+        ref = {s: self._logps(self.ref_params, p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
+               for s in ("chosen", "rejected")}
+        out["ref_chosen_logps"], out["ref_rejected_logps"] = ref["chosen"], ref["rejected"]
+        valid = batch["valid"].astype(bool).copy()
+        metrics: dict[str, float] = {}
+
+        if float(self.sail.p_dp) > 0:  # resample the dataset label from the current policy
+            pol = {s: self._logps(self.state.params, p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
+                   for s in ("chosen", "rejected")}
+            h = (pol["chosen"] - ref["chosen"]) - (pol["rejected"] - ref["rejected"])
+            swap = np.asarray(dp_swaps(self._key(_DP_KEY, step), jnp.asarray(h), self.beta)) & (routes == ROUTE_DP)
+            for suffix in ("response", "response_mask"):
+                c, r = out[f"chosen_{suffix}"].copy(), out[f"rejected_{suffix}"].copy()
+                out[f"chosen_{suffix}"][swap], out[f"rejected_{suffix}"][swap] = r[swap], c[swap]
+            c, r = out["ref_chosen_logps"].copy(), out["ref_rejected_logps"].copy()
+            out["ref_chosen_logps"], out["ref_rejected_logps"] = np.where(swap, r, c), np.where(swap, c, r)
+            if (routes == ROUTE_DP).any():
+                metrics["labels/dp_flip_rate"] = float(swap[routes == ROUTE_DP].mean())
+
+        sampled = (routes == ROUTE_PP) | (routes == ROUTE_PR)
+        if samples is not None and sampled.any():
+            k = int(self.sail.num_samples)
+            tokens, smask, finished = samples["tokens"], samples["mask"], samples["finished"]
+            rp, rpm = np.repeat(p, k, axis=0), np.repeat(pm, k, axis=0)
+            ref_s = self._logps(self.ref_params, rp, rpm, tokens, smask).reshape(b, k)
+            pol_s = self._logps(self.state.params, rp, rpm, tokens, smask).reshape(b, k)
+            implicit = self.beta * (pol_s - ref_s)
+            reward = np.zeros((b, k), np.float32)
+            if (routes == ROUTE_PR).any():
+                texts = decode_responses(self.tokenizer, tokens, smask)
+                prompts = [self.train_prompts[i] for i in batch["index"] for _ in range(k)]
+                reward = (self.reward_source(prompts, texts)
+                          - float(self.config.reward.missing_eos_penalty) * (~finished.astype(bool))).reshape(b, k)
+                metrics["pr/sample_reward"] = float(reward[routes == ROUTE_PR].mean())
+            is_pp = (routes == ROUTE_PP)[:, None]
+            scores = np.where(is_pp, implicit, reward)
+            a, bb = (np.asarray(x) for x in select_pairs(self._key(_SELECT_KEY, step), jnp.asarray(scores),
+                                                         self.sail.pair_selection))
+            rows = np.arange(b)
+            sa, sb = scores[rows, a], scores[rows, bb]
+            lk = self._key(_LABEL_KEY, step)
+            pp_wins, pp_tie = (np.asarray(x) for x in preference_labels(lk, jnp.asarray(sa), jnp.asarray(sb),
+                                                                         self.sail.pp_label_mode))
+            pr_wins, pr_tie = (np.asarray(x) for x in preference_labels(jax.random.fold_in(lk, 1), jnp.asarray(sa),
+                                                                         jnp.asarray(sb), self.sail.pr_label_mode))
+            a_wins = np.where(routes == ROUTE_PP, pp_wins, pr_wins)
+            ia, ib = rows * k + a, rows * k + bb
+            same = np.all((tokens[ia] == tokens[ib]) | (smask[ia] == 0), axis=1) & (smask[ia].sum(1) == smask[ib].sum(1))
+            tie = np.where(routes == ROUTE_PP, pp_tie, pr_tie) | same
+            win, lose = np.where(a_wins, ia, ib), np.where(a_wins, ib, ia)
+            flat_ref = ref_s.reshape(-1)
+            for name, idx in (("chosen", win), ("rejected", lose)):
+                out[f"{name}_response"] = np.where(sampled[:, None], tokens[idx], out[f"{name}_response"])
+                out[f"{name}_response_mask"] = np.where(sampled[:, None], smask[idx], out[f"{name}_response_mask"])
+                out[f"ref_{name}_logps"] = np.where(sampled, flat_ref[idx], out[f"ref_{name}_logps"])
+            valid &= ~(sampled & tie)
+            metrics["labels/ties_dropped"] = float((sampled & tie).sum())
+            if (routes == ROUTE_PP).any():
+                argmax_wins = sa > sb
+                metrics["labels/pp_flip_rate"] = float((pp_wins != argmax_wins)[routes == ROUTE_PP].mean())
+        elif sampled.any():
+            raise RuntimeError("PP/PR examples were routed but no samples were generated")
+        out["route"] = routes.astype(np.int32)
+        out["valid"] = valid.astype(np.int32)
+        return out, metrics
+
+    # ------------------------------------------------------------------ the loop
+    def step(self, step: int) -> dict[str, float]:
+        t0 = time.time()
+        if self.block is None or step % self.block_len == 0:
+            self.block = self._generate_block(step)
+        index = (step % self.block_len) // int(self.gen.reuse)
+        batch = self.block.batches[index]
+        samples = self.block.samples[index] if self.block.samples else None
+        train_batch, metrics = self.label(step, batch, samples)
+        self._update_running_baseline(train_batch)
+        self.state, step_metrics = self.train_step(self.state, shard_batch(train_batch, self.mesh),
+                                                   {"baseline": self.baseline_for_step})
+        self._maybe_sync_reference(step + 1)
+        elapsed = time.time() - t0
+        gen_share = self.block.gen_seconds if step % self.block_len == 0 else 0.0
+        metrics.update({"buffer/staleness": float(step - self.block.step), "time/step_seconds": elapsed,
+                        "gen/time_share": gen_share / elapsed if elapsed else 0.0})
+        if self.block.gen_seconds:
+            metrics["gen/tokens_per_second"] = self.block.gen_tokens / self.block.gen_seconds
+        return {**metrics, **step_metrics}
+
+    def _update_running_baseline(self, batch):
+        """The step reads the running baseline *before* this batch is folded in (it must not depend
+        on the example's own sample); ℓ is computed from the labelling pass's log-probs."""
+        self.baseline_for_step = self.baseline
+        if self.sail.baseline != "running":
+            return
+        p, pm = batch["prompt_ids"], batch["prompt_mask"]
+        c = self._logps(self.state.params, p, pm, batch["chosen_response"], batch["chosen_response_mask"])
+        r = self._logps(self.state.params, p, pm, batch["rejected_response"], batch["rejected_response_mask"])
+        ell = implicit_log_likelihood(c, r, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=self.beta)
+        self.baseline = update_running_baseline(self.baseline, ell, batch["route"], batch["valid"],
+                                                decay=float(self.sail.baseline_decay))
+
+    def _maybe_sync_reference(self, done: int):
+        every = int(self.config.reference.sync_every)
+        if every > 0 and done % every == 0:
+            alpha = float(self.config.reference.sync_alpha)
+            self.ref_params = jax.jit(lambda r, p: jax.tree.map(lambda a, b: alpha * b + (1 - alpha) * a, r, p),
+                                      out_shardings=self.shardings.params)(self.ref_params, self.state.params)
+
+    def export_model(self):
+        """The current policy as an nnx model (for ``save_pretrained``)."""
+        return nnx.merge(self.graphdef, self.state.params)
+
+    def checkpoint_extra(self) -> dict:
+        return {"data": self.prompts.get_state(),
+                "baseline": {"mean": np.asarray(self.baseline.mean).tolist(),
+                             "initialized": np.asarray(self.baseline.initialized).tolist()}}
+
+    def restore(self, ckpt: Checkpoints) -> int:
+        restored = ckpt.restore(abstract_like(self.state, self.shardings))
+        if restored is None:
+            return 0
+        self.state, extra = restored
+        self.prompts.set_state(extra["data"])
+        self.baseline = RunningBaseline(mean=jnp.asarray(extra["baseline"]["mean"], jnp.float32),
+                                        initialized=jnp.asarray(extra["baseline"]["initialized"], jnp.bool_))
+        if int(self.config.reference.sync_every) > 0:
+            logging.warning("reference.sync_every is set: the synced reference is not checkpointed; it restarts "
+                            "from the initial policy on resume")
+        return int(self.state.step)
+
+    def run(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Train to ``config.steps`` (resuming if a checkpoint exists); returns (first eval, last eval)."""
+        config = self.config
+        ckpt = Checkpoints(os.path.join(self.workdir, "checkpoints"), every=config.checkpoint.every,
+                           keep=config.checkpoint.keep, async_save=config.checkpoint.get("async_save", True))
+        start = self.restore(ckpt)
+        logger = MetricLogger(self.workdir)
+        initial = self.evaluator(self.ref_params)
+        if start == 0:
+            logger.write(0, initial, split="eval")
+        last = initial
+        bar = tqdm(total=config.steps, initial=start, disable=jax.process_index() != 0, desc="sail",
+                   dynamic_ncols=True)
+        for step in range(start, config.steps):
+            metrics = self.step(step)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                values = logger.write(done, metrics)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", gen=f"{values.get('gen/time_share', 0):.0%}")
+            if done % config.eval_every == 0 or done == config.steps:
+                last = logger.write(done, self.evaluator(self.state.params), split="eval")
+                bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.2f}")
+            ckpt.maybe_save(done, self.state, self.checkpoint_extra(), force=done == config.steps)
+            bar.update(1)
+        bar.close()
+        ckpt.close()
+        logger.close()
+        return initial, last

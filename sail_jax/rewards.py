@@ -1,0 +1,71 @@
+"""Reward sources for SAIL-PR labels and for evaluation, behind one call:
+``source(prompts, responses) -> float rewards [n]`` on text (prompts: strings or message lists).
+
+  builtin  the built-in task's oracle (sail_jax.data.builtin_task)
+  model    an HF ``*ForSequenceClassification`` folder (e.g. the reward recipe's export), scoring
+           ``prompt + response`` with its own tokenizer and chat template
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sail_jax.tokenization import Tokenizer, pack_pairs
+
+REWARD_KINDS = ("builtin", "model")
+
+
+class OracleReward:
+    """A Python function ``(prompt, response) -> float`` applied row by row."""
+
+    def __init__(self, fn: Callable[[str, str], float]):
+        self.fn = fn
+
+    def __call__(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
+        return np.asarray([self.fn(p, r) for p, r in zip(prompts, responses)], np.float32)
+
+
+class ModelReward:
+    """A reward model loaded from a local HF folder, scored in fixed-shape jitted batches."""
+
+    def __init__(self, path: str, *, max_length: int = 256, batch_size: int = 32):
+        from sail_jax.models import load_pretrained
+
+        model = load_pretrained(path)
+        if type(model).__name__ != "RewardModel":
+            raise ValueError(f"{path}: reward.path must be a *ForSequenceClassification model, "
+                             f"got {model.config.architecture}")
+        self.tokenizer = Tokenizer.from_pretrained(path)
+        self.graphdef, self.params = nnx.split(model)
+        self.max_length, self.batch_size = max_length, batch_size
+        self._score = jax.jit(lambda params, ids, mask: nnx.merge(self.graphdef, params)(ids, mask))
+
+    def __call__(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
+        pairs = [self.tokenizer.encode_pair(p, r, max_prompt_length=self.max_length // 2, max_length=self.max_length)
+                 for p, r in zip(prompts, responses)]
+        out = []
+        for i in range(0, len(pairs), self.batch_size):
+            chunk = pairs[i:i + self.batch_size]
+            chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # static shape
+            batch = pack_pairs(chunk, self.max_length, self.tokenizer.pad_id)
+            out.append(np.asarray(self._score(self.params, jnp.asarray(batch["input_ids"]),
+                                              jnp.asarray(batch["attention_mask"]))))
+        return np.concatenate(out)[: len(pairs)].astype(np.float32)
+
+
+def make_reward_source(cfg):
+    """From ``config.reward``: ``kind`` and, for ``model``, ``path``."""
+    if cfg.kind == "builtin":
+        from sail_jax.data.builtin_task import oracle_reward
+
+        return OracleReward(oracle_reward)
+    if cfg.kind == "model":
+        if not cfg.path:
+            raise ValueError("config.reward.path is empty: point it at a reward-model folder (kind=model)")
+        return ModelReward(cfg.path)
+    raise ValueError(f"config.reward.kind={cfg.kind!r} is unknown; valid: {list(REWARD_KINDS)}")
