@@ -13,40 +13,22 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from common import SHAPES, median_time
+
 from sail_jax.models import load_pretrained
 from sail_jax.sampling import generate
-
-SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-}
-
-
-def _median_time(fn, repeats):
-    fn()  # warm-up: compiles
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def _copy_bandwidth(nbytes=256 * 2**20):
     x = jnp.ones(nbytes // 4, jnp.float32)
     copy = jax.jit(lambda a: a + 0.0)
-    t = _median_time(lambda: copy(x).block_until_ready(), 5)
+    t = median_time(lambda: copy(x).block_until_ready(), 5)
     return 2 * nbytes / t  # read + write
 
 
@@ -96,10 +78,10 @@ def bench_shape(name, batch, prompt_len, new_tokens, repeats, with_no_cache):
                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
                         top_k=0)
 
-    rows = {"ours (jit + KV cache)": _median_time(ours, repeats),
-            "transformers generate (torch CPU)": _median_time(hf_generate, repeats)}
+    rows = {"ours (jit + KV cache)": median_time(ours, repeats),
+            "transformers generate (torch CPU)": median_time(hf_generate, repeats)}
     if with_no_cache:
-        rows["ours without cache"] = _median_time(_no_cache_decode(model, ids, mask, new_tokens), 1)
+        rows["ours without cache"] = median_time(_no_cache_decode(model, ids, mask, new_tokens), 1)
 
     # Decode-step floor: every step reads all parameters and the KV cache written so far (average).
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

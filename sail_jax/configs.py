@@ -66,7 +66,7 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
 VARIANTS = {
     "offline_dpo": dict(p_dp=0.0, p_pp=0.0, p_pr=0.0),
     "online_dpo": dict(p_pr=1.0, gamma=0.0),
-    "iterative_dpo": dict(p_pr=1.0, gamma=0.0, interval=8),
+    "iterative_dpo": dict(p_pr=1.0, gamma=0.0, interval=10),
     "sail_pr": dict(p_pr=0.3),
     "sail_pp": dict(p_pp=0.3),
     "sail_dp": dict(p_dp=0.4),

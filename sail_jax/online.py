@@ -77,6 +77,7 @@ class OnlineLoop:
         self.train_prompts = train_prompts  # record prompts by row, for reward sources that read text
         self.key = jax.random.key(config.seed)
         self.block: Block | None = None
+        self.seconds = {"generation": 0.0, "steps": 0.0}  # totals of this process's run, for summaries
         self.evaluator = Evaluator(self.graphdef, self.ref_params, reward_source=reward_source, tokenizer=tokenizer,
                                    gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
                                    missing_eos_penalty=float(config.reward.missing_eos_penalty), **evaluator_args)
@@ -101,8 +102,9 @@ class OnlineLoop:
                                top_k=int(self.gen.top_k), top_p=float(self.gen.top_p), eos_ids=self.tokenizer.eos_id,
                                num_samples=int(self.sail.num_samples), pad_id=self.tokenizer.pad_id,
                                batch_sharding=batch_sharding(self.mesh))
-                s = {"tokens": np.asarray(out.tokens), "mask": np.asarray(out.mask),
-                     "finished": np.asarray(out.finished)}
+                pad = int(self.config.data.max_response_length) - out.tokens.shape[1]  # the batch layout's width
+                s = {"tokens": np.pad(np.asarray(out.tokens), ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_id),
+                     "mask": np.pad(np.asarray(out.mask), ((0, 0), (0, pad))), "finished": np.asarray(out.finished)}
                 seconds += time.time() - t0
                 tokens += int(s["mask"].sum())
                 samples.append(s)
@@ -201,6 +203,8 @@ class OnlineLoop:
         self._maybe_sync_reference(step + 1)
         elapsed = time.time() - t0
         gen_share = self.block.gen_seconds if step % self.block_len == 0 else 0.0
+        self.seconds["generation"] += gen_share
+        self.seconds["steps"] += elapsed
         metrics.update({"buffer/staleness": float(step - self.block.step), "time/step_seconds": elapsed,
                         "gen/time_share": gen_share / elapsed if elapsed else 0.0})
         if self.block.gen_seconds:

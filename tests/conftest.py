@@ -11,6 +11,10 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more (still run in CI)")
+
+
 TINY = dict(
     vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

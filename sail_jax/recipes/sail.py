@@ -126,7 +126,9 @@ def run(config, workdir: str) -> dict:
     initial, final = loop.run()
     summary = {"variant": config.get("variant", ""), "steps": config.steps,
                "reference": {k: initial[k] for k in ("reward", "win_rate", "kl")},
-               "final": {k: final[k] for k in ("reward", "win_rate", "kl", "heldout/rewards/accuracies")}}
+               "final": {k: final[k] for k in ("reward", "win_rate", "kl", "heldout/rewards/accuracies")},
+               "train_seconds": loop.seconds["steps"],
+               "generation_share": loop.seconds["generation"] / max(loop.seconds["steps"], 1e-9)}
     if jax.process_index() == 0:
         save_pretrained(loop.export_model(), os.path.join(workdir, "export"), tokenizer=tokenizer)
         with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -1,0 +1,24 @@
+"""Shared by the benchmark scripts: model shapes and a median timer."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+SHAPES = {
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+}
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call (which compiles)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

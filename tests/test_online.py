@@ -1,0 +1,203 @@
+"""The SAIL online loop: labels follow their laws (frequency tests), the per-route loss is sail_loss,
+the built-in task's oracle, and the main job improving the oracle reward over SFT."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import synthetic_pairs, write_jsonl
+
+from sail_jax.configs import VARIANTS, sail_config
+from sail_jax.data import builtin_task
+from sail_jax.labeling import dp_swaps, draw_routes, preference_labels, select_pairs
+from sail_jax.losses import ROUTE_DP, ROUTE_OFFLINE, ROUTE_PP, ROUTE_PR, RunningBaseline, sail_loss
+from sail_jax.models import load_pretrained
+from sail_jax.objectives import make_sail_objective, response_logps
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _binomial_ok(hits, n, p, z=5.0):
+    return abs(hits - n * p) <= z * np.sqrt(n * p * (1 - p)) + 1
+
+
+def test_bt_sampled_labels_follow_sigmoid_of_the_score_gap():
+    gaps = jnp.array([-2.0, -0.5, 0.0, 0.7, 3.0])
+    n = 20000
+    wins = np.zeros(5)
+    keys = jax.random.split(jax.random.key(0), n)
+    draw = jax.jit(jax.vmap(lambda k: preference_labels(k, gaps, jnp.zeros(5), "sample")[0]))
+    wins = np.asarray(draw(keys)).sum(0)
+    for w, p in zip(wins, jax.nn.sigmoid(gaps)):
+        assert _binomial_ok(w, n, float(p)), (w / n, float(p))
+
+
+def test_dp_swaps_with_probability_one_minus_sigmoid_beta_h():
+    h, beta, n = jnp.array([-10.0, 0.0, 5.0, 20.0]), 0.1, 20000
+    keys = jax.random.split(jax.random.key(1), n)
+    swaps = np.asarray(jax.jit(jax.vmap(lambda k: dp_swaps(k, h, beta)))(keys)).sum(0)
+    for s, hv in zip(swaps, h):
+        assert _binomial_ok(s, n, 1 - float(jax.nn.sigmoid(beta * hv)))
+
+
+def test_argmax_labels_report_ties_and_routes_follow_their_probabilities():
+    wins, ties = preference_labels(jax.random.key(0), jnp.array([1.0, 2.0, 3.0]), jnp.array([2.0, 2.0, 1.0]), "argmax")
+    assert wins.tolist() == [False, False, True] and ties.tolist() == [False, True, False]
+    routes = np.asarray(draw_routes(jax.random.key(2), 40000, p_dp=0.2, p_pp=0.3, p_pr=0.1))
+    for route, p in ((ROUTE_DP, 0.2), (ROUTE_PP, 0.3), (ROUTE_PR, 0.1), (ROUTE_OFFLINE, 0.4)):
+        assert _binomial_ok((routes == route).sum(), 40000, p)
+
+
+def test_pair_selection_methods():
+    scores = jnp.array([[0.1, 0.9, -0.5, 0.3]] * 50)
+    a, b = select_pairs(jax.random.key(0), scores, "max_min")
+    assert a[0] == 1 and b[0] == 2
+    a, b = select_pairs(jax.random.key(0), scores, "first_two")
+    assert a[0] == 0 and b[0] == 1
+    a, b = select_pairs(jax.random.key(0), scores, "random")
+    assert bool(jnp.all(a != b)) and len(set(np.asarray(a).tolist())) > 1
+    with pytest.raises(ValueError, match="valid: \\['first_two', 'max_min', 'random'\\]"):
+        select_pairs(jax.random.key(0), scores, "best")
+
+
+def test_builtin_oracle_scores_topic_sentiment_and_gibberish():
+    p = builtin_task.make_prompt("apple")
+    assert builtin_task.oracle_reward(p, " apple is great and lovely.") == pytest.approx(1.0)
+    assert builtin_task.oracle_reward(p, " it is awful.") == pytest.approx(-0.7)
+    assert builtin_task.oracle_reward(p, " apple xyz.") == pytest.approx(0.3 - 0.25)
+    assert builtin_task.oracle_reward(p, "") == -1.0
+    demos = builtin_task.sft_records(2000, 0)
+    mean = np.mean([builtin_task.oracle_reward(r["prompt"], r["response"]) for r in demos])
+    assert 0.0 < mean < 0.4  # the SFT data leaves room to improve (the optimum is 1.0)
+
+
+@pytest.fixture(scope="module")
+def loop(tiny_checkpoint, tmp_path_factory):
+    """An OnlineLoop on the tiny checkpoint and synthetic pairs (no training run)."""
+    from sail_jax.data.pipeline import encode_online, train_iterator
+    from sail_jax.data.records import Records
+    from sail_jax.online import OnlineLoop
+    from sail_jax.rewards import OracleReward
+    from sail_jax.sharding import make_mesh
+    from sail_jax.tokenization import Tokenizer
+
+    tmp = tmp_path_factory.mktemp("online")
+    config = sail_config("sail_mixed")
+    config.model.path = tiny_checkpoint
+    config.data.max_prompt_length, config.data.max_response_length = 16, 12
+    config.generation.max_new_tokens, config.sail.num_samples = 10, 3  # < max_response_length: padded
+    config.batch_size, config.eval_batch_size = 16, 16
+    tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
+    rows = synthetic_pairs(64)
+    enc = encode_online(Records(rows), tokenizer, max_prompt_length=16, max_response_length=12)
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    # Reward: response length in tokens' characters, so PR labels are checkable and ties happen.
+    reward = OracleReward(lambda prompt, response: float(len(response.split())))
+    return OnlineLoop(config, model=load_pretrained(tiny_checkpoint), tokenizer=tokenizer, mesh=mesh,
+                      prompt_iterator=train_iterator(enc.arrays, 16, seed=0), train_prompts=[r["prompt"] for r in rows],
+                      reward_source=reward, workdir=str(tmp),
+                      evaluator_args={"prompts": [r["prompt"] for r in rows[:16]],
+                                      "eval_arrays": {k: v[:16] for k, v in enc.arrays.items()}, "batch_size": 16})
+
+
+def test_loop_labels_pr_by_the_reward_drops_ties_and_keeps_dataset_pairs_offline(loop):
+    from sail_jax.evaluate import decode_responses
+
+    block = loop._generate_block(0)
+    batch, samples = block.batches[0], block.samples[0]
+    out, metrics = loop.label(0, batch, samples)
+    routes = out["route"]
+    assert set(routes.tolist()) <= {ROUTE_OFFLINE, ROUTE_DP, ROUTE_PP, ROUTE_PR}
+    for i in np.where(routes == ROUTE_PR)[0]:
+        chosen = decode_responses(loop.tokenizer, out["chosen_response"][i:i + 1], out["chosen_response_mask"][i:i + 1])
+        rejected = decode_responses(loop.tokenizer, out["rejected_response"][i:i + 1],
+                                    out["rejected_response_mask"][i:i + 1])
+        if out["valid"][i]:
+            assert len(chosen[0].split()) > len(rejected[0].split())
+        else:
+            assert len(chosen[0].split()) == len(rejected[0].split())
+    assert metrics["labels/ties_dropped"] == float(((routes >= ROUTE_PP) & (out["valid"] == 0)).sum())
+    offline = np.where(routes == ROUTE_OFFLINE)[0]
+    np.testing.assert_array_equal(out["chosen_response"][offline], batch["chosen_response"][offline])
+    # Reference log-probs handed to the step are those of the responses actually used.
+    ref = np.asarray(loop.logp(loop.ref_params, out["prompt_ids"], out["prompt_mask"], out["chosen_response"],
+                               out["chosen_response_mask"]))
+    np.testing.assert_allclose(out["ref_chosen_logps"], ref, atol=1e-4)
+
+
+def test_loop_pp_labels_follow_the_implicit_reward_law(loop):
+    """Over many steps, PP picks y_w = a with frequency σ(β·h_ab) (β·h from the current policy)."""
+    loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 1.05, loop.state.params))  # π != π_ref
+    block = loop._generate_block(0)
+    batch, samples = block.batches[0], block.samples[0]
+    k, b = int(loop.sail.num_samples), 16
+    rp, rpm = np.repeat(batch["prompt_ids"], k, 0), np.repeat(batch["prompt_mask"], k, 0)
+    pol = np.asarray(loop.logp(loop.state.params, rp, rpm, samples["tokens"], samples["mask"])).reshape(b, k)
+    ref = np.asarray(loop.logp(loop.ref_params, rp, rpm, samples["tokens"], samples["mask"])).reshape(b, k)
+    implicit = loop.beta * (pol - ref)
+    p_first = 1 / (1 + np.exp(-(implicit[:, 0] - implicit[:, 1])))  # first_two selection
+    hits, trials, expected = 0, 0, 0.0
+    for step in range(300):
+        out, _ = loop.label(step, batch, samples)
+        for i in np.where((out["route"] == ROUTE_PP) & (out["valid"] == 1))[0]:
+            first = np.array_equal(out["chosen_response"][i], samples["tokens"][i * k])
+            hits, trials, expected = hits + first, trials + 1, expected + p_first[i]
+    assert trials > 500
+    assert abs(hits - expected) <= 5 * np.sqrt(expected * (1 - expected / trials)) + 1, (hits, expected, trials)
+
+
+def test_sail_objective_equals_sail_loss_on_the_same_pairs(loop):
+    block = loop._generate_block(0)
+    out, _ = loop.label(0, block.batches[0], block.samples[0])
+    model = loop.export_model()
+    objective = make_sail_objective(loop.config.loss, loop.sail, score_temperature=1.0)
+    loss, metrics = objective(model, {k: jnp.asarray(v) for k, v in out.items()}, {"baseline": RunningBaseline.init()},
+                              None)
+    c = response_logps(model, out["prompt_ids"], out["prompt_mask"], out["chosen_response"], out["chosen_response_mask"])
+    r = response_logps(model, out["prompt_ids"], out["prompt_mask"], out["rejected_response"],
+                       out["rejected_response_mask"])
+    s = loop.sail
+    per_example, _ = sail_loss(c[0], r[0], out["ref_chosen_logps"], out["ref_rejected_logps"], out["route"], beta=0.1,
+                               rho=s.rho, lam=s.lam, gamma=s.gamma, mask=out["valid"], chosen_lengths=c[1],
+                               rejected_lengths=r[1])
+    assert float(loss) == pytest.approx(float(per_example.sum() / out["valid"].sum()), abs=1e-5)
+
+
+def test_every_variant_config_validates():
+    from sail_jax.validation import ConfigError, validate_online_config
+
+    for name in VARIANTS:
+        config = sail_config(name)
+        config.model.path = REPO  # any folder: only the config values are checked here
+        validate_online_config(config)
+    config.sail.p_pp, config.sail.p_pr = 0.8, 0.5
+    with pytest.raises(ConfigError, match="sum to <= 1"):
+        validate_online_config(config)
+
+
+@pytest.mark.slow
+def test_main_job_improves_the_oracle_reward_over_sft(tmp_path):
+    """README's main job, shortened: built-in task, SFT warm start, SAIL-PP, evaluation."""
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--workdir={workdir}",
+         "--config.task.sft_steps=300", "--config.task.preference_train=1024", "--config.steps=100",
+         "--config.eval_every=50"],
+        cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["final"]["reward"] > summary["reference"]["reward"] + 0.2, summary
+    assert summary["final"]["win_rate"] > 0.65, summary
+    assert "win rate vs SFT" in result.stdout and (workdir / "curves.png").exists()
+    assert (workdir / "export" / "model.safetensors").exists()
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    train = [r for r in logged if r["split"] == "train"][-1]
+    for key in ("route/pp_frac", "route/offline_frac", "labels/pp_flip_rate", "sail/self_label_term",
+                "sail/score_weight", "gen/tokens_per_second", "gen/time_share", "buffer/staleness",
+                "rewards/margins", "rewards/accuracies", "learning_rate"):
+        assert key in train, key
