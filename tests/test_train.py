@@ -228,6 +228,14 @@ def test_reward_model_learns_and_exports_a_sequence_classifier(tiny_checkpoint, 
     assert final["rewards/accuracies"] >= 0.9, final
     exported = load_pretrained(str(tmp_path / "run" / "export"))
     assert type(exported).__name__ == "RewardModel"
+    # The export is a reward source for SAIL-PR: it prefers held-out chosen responses on text.
+    from sail_jax.rewards import ModelReward
+
+    rows = synthetic_pairs(16, 3)
+    source = ModelReward(str(tmp_path / "run" / "export"), max_length=32, batch_size=8)
+    chosen = source([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    rejected = source([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    assert chosen.shape == (16,) and np.mean(chosen > rejected) >= 0.9
 
 
 def test_sft_lowers_the_response_nll(tiny_checkpoint, tmp_path):
