@@ -61,7 +61,7 @@ def _reference_mode(config) -> str:
     return "cached" if config.reference.get("precompute", False) else "model"
 
 
-def _precompute_reference(config, workdir, graphdef, ref_params, p_shardings, mesh, datasets):
+def _precompute_reference(config, workdir, graphdef, ref_params, mesh, datasets):
     """Reference log-probs of every row, computed once and cached in the workdir."""
     fn = jax.jit(lambda params, batch: reference_logps(graphdef, params, batch))
     for name, enc in datasets.items():
@@ -171,7 +171,7 @@ def _objective(config, workdir, graphdef, state, shardings, mesh, datasets):
     else:
         ref_params = frozen_copy(state.params, shardings.params)  # the initial policy
     if mode == "cached":
-        _precompute_reference(config, workdir, graphdef, ref_params, shardings.params, mesh,
+        _precompute_reference(config, workdir, graphdef, ref_params, mesh,
                               {k: v for k, v in datasets.items() if v is not None})
         return objective, {}, {}
     return objective, {"reference": ref_params}, {"reference": shardings.params}
