@@ -5,7 +5,8 @@
   kl          KL(π‖π_ref) estimated on policy samples at temperature 1: mean of log π(y) − log π_ref(y)
   heldout/*   implicit-reward margin and accuracy on held-out preference pairs (TRL names)
 
-Reference samples are drawn once; every evaluation uses the same key, so curves compare like with like.
+The reference's samples and its log-probs of the held-out pairs are computed once; every evaluation
+uses the same key, so curves compare like with like.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Evaluator:
         self.logp = make_logp_fn(graphdef)
         self.key = jax.random.key(seed)
         self.reference = self._samples(ref_params, jax.random.fold_in(self.key, 1))
+        self.reference_pair_logps = self._pair_logps(ref_params)
+        self.last = self.reference  # the policy samples of the latest evaluation
 
     def _chunks(self):
         n = len(self.prompts)
@@ -66,7 +69,7 @@ class Evaluator:
         return out
 
     def __call__(self, params) -> dict[str, float]:
-        pol = self._samples(params, jax.random.fold_in(self.key, 2))
+        pol = self.last = self._samples(params, jax.random.fold_in(self.key, 2))
         ref = self.reference
         metrics = {
             "reward": float(np.mean(pol["reward"])),
@@ -79,20 +82,24 @@ class Evaluator:
         metrics.update(self._heldout_pairs(params))
         return metrics
 
-    def _heldout_pairs(self, params) -> dict[str, float]:
+    def _pair_logps(self, params) -> dict[str, np.ndarray]:
+        """log π(response | prompt) of each held-out pair's chosen and rejected response."""
         a = self.arrays
-        logps = {}
+        out = {}
         for side in ("chosen", "rejected"):
             args = (a["prompt_ids"], a["prompt_mask"], a[f"{side}_response"], a[f"{side}_response_mask"])
-            logps[side] = [np.concatenate([np.asarray(self.logp(p, *(x[idx] for x in args)))[:keep]
-                                           for idx, keep in self._chunks()]) for p in (params, self.ref_params)]
-        m = preference_metrics(jnp.asarray(logps["chosen"][0]), jnp.asarray(logps["rejected"][0]),
-                               jnp.asarray(logps["chosen"][1]), jnp.asarray(logps["rejected"][1]), beta=self.beta)
+            out[side] = np.concatenate([np.asarray(self.logp(params, *(x[idx] for x in args)))[:keep]
+                                        for idx, keep in self._chunks()])
+        return out
+
+    def _heldout_pairs(self, params) -> dict[str, float]:
+        pol, ref = self._pair_logps(params), self.reference_pair_logps
+        m = preference_metrics(jnp.asarray(pol["chosen"]), jnp.asarray(pol["rejected"]), jnp.asarray(ref["chosen"]),
+                               jnp.asarray(ref["rejected"]), beta=self.beta)
         return {f"heldout/{k}": float(v) for k, v in m.items() if k.startswith("rewards/")}
 
-    def sample_table(self, params, n: int = 4) -> list[tuple[str, str, float, str, float]]:
-        """A few (prompt, reference response, reward, policy response, reward) rows for the summary."""
-        pol = self._samples(params, jax.random.fold_in(self.key, 2))
-        ref = self.reference
+    def sample_table(self, n: int = 4) -> list[tuple[str, str, float, str, float]]:
+        """A few (prompt, reference response, reward, latest policy response, reward) rows for the summary."""
+        pol, ref = self.last, self.reference
         return [(str(self.prompts[i]), ref["texts"][i], float(ref["reward"][i]), pol["texts"][i],
                  float(pol["reward"][i])) for i in range(min(n, len(self.prompts)))]

@@ -32,11 +32,18 @@ from sail_jax.evaluate import Evaluator, decode_responses, make_logp_fn
 from sail_jax.labeling import dp_swaps, draw_routes, preference_labels, select_pairs
 from sail_jax.losses import ROUTE_DP, ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood, update_running_baseline
 from sail_jax.objectives import make_sail_objective
+from sail_jax.optim import make_optimizer
 from sail_jax.sampling import generate
 from sail_jax.sharding import batch_sharding, shard_batch
 from sail_jax.train import Checkpoints, MetricLogger, abstract_like, create_train_state, frozen_copy, make_train_step
 
 _ROUTE_KEY, _GEN_KEY, _SELECT_KEY, _LABEL_KEY, _DP_KEY = range(5)
+
+
+@jax.jit
+def _blend(reference, params, alpha):
+    """TR-DPO soft sync: ``alpha·π + (1 − alpha)·π_ref`` (shardings follow the inputs)."""
+    return jax.tree.map(lambda r, p: alpha * p + (1 - alpha) * r, reference, params)
 
 
 @dataclasses.dataclass
@@ -60,8 +67,6 @@ class OnlineLoop:
         self.beta = float(config.loss.beta)
         self.block_len = int(self.gen.interval) * int(self.gen.reuse)
         self.needs_samples = float(self.sail.p_pp) + float(self.sail.p_pr) > 0
-        from sail_jax.optim import make_optimizer
-
         self.tx = make_optimizer(config.optim, config.steps)
         self.graphdef, self.state, self.shardings = create_train_state(model, self.tx, mesh)
         self.ref_params = frozen_copy(self.state.params, self.shardings.params)
@@ -227,9 +232,8 @@ class OnlineLoop:
     def _maybe_sync_reference(self, done: int):
         every = int(self.config.reference.sync_every)
         if every > 0 and done % every == 0:
-            alpha = float(self.config.reference.sync_alpha)
-            self.ref_params = jax.jit(lambda r, p: jax.tree.map(lambda a, b: alpha * b + (1 - alpha) * a, r, p),
-                                      out_shardings=self.shardings.params)(self.ref_params, self.state.params)
+            self.ref_params = _blend(self.ref_params, self.state.params,
+                                     jnp.float32(self.config.reference.sync_alpha))
 
     def export_model(self):
         """The current policy as an nnx model (for ``save_pretrained``)."""

@@ -47,10 +47,8 @@ def validate_optim(optim) -> None:
              f"config.optim.learning_rate={optim.learning_rate!r} must be a finite number >= 0")
 
 
-def validate_training_config(config) -> None:
-    from sail_jax.recipes.offline import RECIPES
-
-    _require(config.recipe in RECIPES, f"config.recipe={config.recipe!r}: valid offline recipes {sorted(RECIPES)}")
+def _validate_run(config) -> None:
+    """What every training run needs: a model folder, loop lengths, checkpoints, optimizer, mesh and batches."""
     _require(bool(config.model.path), "config.model.path is empty: point it at a local Hugging Face model folder")
     _require(os.path.isdir(config.model.path), f"config.model.path={config.model.path!r} is not a folder")
     for key in ("steps", "log_every", "eval_every"):
@@ -59,15 +57,25 @@ def validate_training_config(config) -> None:
     _require(int(config.checkpoint.keep) >= 1, "config.checkpoint.keep must be >= 1")
     validate_optim(config.optim)
     validate_mesh_and_batches(config, "batch_size", "eval_batch_size")
+
+
+def _validate_preference_loss(loss) -> None:
+    _require(loss.loss_type in LOSS_TYPES, f"config.loss.loss_type={loss.loss_type!r} is unknown; valid: {sorted(LOSS_TYPES)}")
+    _require(float(loss.beta) > 0, f"config.loss.beta={loss.beta!r} must be > 0")
+
+
+def validate_training_config(config) -> None:
+    from sail_jax.recipes.offline import RECIPES
+
+    _require(config.recipe in RECIPES, f"config.recipe={config.recipe!r}: valid offline recipes {sorted(RECIPES)}")
+    _validate_run(config)
     d = config.data
     _require(d.source in SOURCES, f"config.data.source={d.source!r} is unknown; valid: {list(SOURCES)}")
     _require(d.get("on_error", "raise") in ON_ERROR, f"config.data.on_error={d.on_error!r}; valid: {list(ON_ERROR)}")
     _require(0 < d.max_prompt_length < d.max_length,
              f"config.data: need 0 < max_prompt_length ({d.max_prompt_length}) < max_length ({d.max_length})")
     if config.recipe == "dpo":
-        _require(config.loss.loss_type in LOSS_TYPES,
-                 f"config.loss.loss_type={config.loss.loss_type!r} is unknown; valid: {sorted(LOSS_TYPES)}")
-        _require(float(config.loss.beta) > 0, f"config.loss.beta={config.loss.beta!r} must be > 0")
+        _validate_preference_loss(config.loss)
         _require(not (config.reference.free and config.reference.precompute),
                  "config.reference: free (reference-free) and precompute cannot both be set")
 
@@ -78,8 +86,9 @@ def validate_online_config(config) -> None:
     from sail_jax.losses import BASELINES, SCORE_TERMS
     from sail_jax.rewards import REWARD_KINDS
 
+    _validate_run(config)
+    _validate_preference_loss(config.loss)
     s, g = config.sail, config.generation
-    _require(os.path.isdir(config.model.path), f"config.model.path={config.model.path!r} is not a folder")
     probs = {k: float(s[k]) for k in ("p_dp", "p_pp", "p_pr")}
     _require(all(p >= 0 for p in probs.values()) and sum(probs.values()) <= 1 + 1e-9,
              f"config.sail: route probabilities {probs} must be >= 0 and sum to <= 1 (the rest is offline DPO)")
@@ -104,10 +113,3 @@ def validate_online_config(config) -> None:
     _require(int(config.checkpoint.every) % block == 0,
              f"config.checkpoint.every={config.checkpoint.every} must be a multiple of generation.interval x reuse "
              f"= {block}, so checkpoints fall between generation blocks (exact resume)")
-    for key in ("steps", "log_every", "eval_every"):
-        _require(int(config[key]) >= 1, f"config.{key}={config[key]!r} must be >= 1")
-    _require(float(config.loss.beta) > 0, f"config.loss.beta={config.loss.beta!r} must be > 0")
-    _require(config.loss.loss_type in LOSS_TYPES,
-             f"config.loss.loss_type={config.loss.loss_type!r} is unknown; valid: {sorted(LOSS_TYPES)}")
-    validate_optim(config.optim)
-    validate_mesh_and_batches(config, "batch_size", "eval_batch_size")

@@ -36,7 +36,7 @@ _TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
 def _hh_messages(transcript: str, where: str) -> list[dict[str, str]]:
-    parts = _TURN.split("\n\n" + transcript.lstrip("\n") if not transcript.startswith("\n\n") else transcript)
+    parts = _TURN.split("\n\n" + transcript.lstrip("\n"))  # every turn, the first included, after "\n\n"
     if len(parts) < 3 or parts[0].strip():
         raise RecordError(f"{where}: not an HH-RLHF transcript (expected '\\n\\nHuman: ...\\n\\nAssistant: ...')")
     roles = {"Human": "user", "Assistant": "assistant"}

@@ -20,6 +20,7 @@ from absl import logging
 from sail_jax.data import builtin_task
 from sail_jax.data.pipeline import encode_online, load_records, train_iterator
 from sail_jax.models import ModelConfig, build_model, load_pretrained, save_pretrained
+from sail_jax.evaluate import decode_responses
 from sail_jax.online import OnlineLoop
 from sail_jax.rewards import make_reward_source
 from sail_jax.sampling import generate
@@ -83,7 +84,7 @@ def _oracle_labelled_pairs(model, tokenizer, config, n: int, seed: int, temperat
                    eos_ids=tokenizer.eos_id, num_samples=2, pad_id=tokenizer.pad_id)
     tokens, smask = np.asarray(out.tokens), np.asarray(out.mask)
     finished = np.asarray(out.finished)
-    texts = [tokenizer.decode(t[m.astype(bool)]) for t, m in zip(tokens, smask)]
+    texts = decode_responses(tokenizer, tokens, smask)
     rng = np.random.RandomState(seed)
     rows = []
     for i, prompt in enumerate(prompts):
@@ -134,7 +135,7 @@ def run(config, workdir: str) -> dict:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         _plot(workdir)
-        _print_summary(summary, loop.evaluator.sample_table(loop.state.params), builtin)
+        _print_summary(summary, loop.evaluator.sample_table(), builtin)
     return summary
 
 
