@@ -21,6 +21,7 @@ setup(
         "tokenizers>=0.23.3",
         "jinja2",  # chat templates (transformers needs it but only torch pulls it in)
         "safetensors>=0.8.0",
+        "gguf>=0.19.0",  # reads llama.cpp GGUF checkpoints (sail_jax.models.gguf)
         "tensorflow-datasets>=4.9.10",
         "grain>=0.2.18",
         "importlib_resources",  # tensorflow-datasets imports it lazily when building a dataset
@@ -33,7 +34,8 @@ setup(
     extras_require={
         # Exact pin: torch 2.13.0's CPU wheel is on disk; a range pulls a multi-GB CUDA build.
         # torch is used only as the independent reference in parity tests and benchmarks.
-        "test": ["pytest", "torch==2.13.0"],
+        # accelerate: transformers' own GGUF loader, the reference our GGUF import is tested against.
+        "test": ["pytest", "torch==2.13.0", "accelerate"],
         "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["sail-jax=sail_jax.cli:main"]},

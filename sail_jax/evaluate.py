@@ -1,9 +1,11 @@
 """Evaluation of a policy against its reference on held-out prompts and pairs.
 
   reward      mean reward-source (oracle) score of policy samples (minus the missing-EOS penalty)
+  score       the same before the penalty (for the IFEval-style task: the constraint satisfaction rate)
   win_rate    P(policy sample beats the reference's sample for the same prompt), ties count half
   kl          KL(π‖π_ref) estimated on policy samples at temperature 1: mean of log π(y) − log π_ref(y)
-  heldout/*   implicit-reward margin and accuracy on held-out preference pairs (TRL names)
+  heldout/*   implicit-reward margin and accuracy on held-out preference pairs (TRL names), when
+              the held-out set has pairs
 
 The reference's samples and its log-probs of the held-out pairs are computed once; every evaluation
 uses the same key, so curves compare like with like.
@@ -40,7 +42,8 @@ class Evaluator:
         self.logp = make_logp_fn(graphdef)
         self.key = jax.random.key(seed)
         self.reference = self._samples(ref_params, jax.random.fold_in(self.key, 1))
-        self.reference_pair_logps = self._pair_logps(ref_params)
+        self.has_pairs = "chosen_response" in eval_arrays
+        self.reference_pair_logps = self._pair_logps(ref_params) if self.has_pairs else None
         self.last = self.reference  # the policy samples of the latest evaluation
 
     def _chunks(self):
@@ -64,7 +67,8 @@ class Evaluator:
             out["ref_logp"].append(np.asarray(self.logp(self.ref_params, p, pm, s.tokens, s.mask))[:keep])
         out = {k: np.concatenate(v) for k, v in out.items()}
         texts = decode_responses(self.tokenizer, out["tokens"], out["mask"])
-        out["reward"] = self.reward_source(self.prompts, texts) - self.penalty * (~out["finished"].astype(bool))
+        out["score"] = self.reward_source(self.prompts, texts)
+        out["reward"] = out["score"] - self.penalty * (~out["finished"].astype(bool))
         out["texts"] = texts
         return out
 
@@ -73,13 +77,15 @@ class Evaluator:
         ref = self.reference
         metrics = {
             "reward": float(np.mean(pol["reward"])),
+            "score": float(np.mean(pol["score"])),
             "reference_reward": float(np.mean(ref["reward"])),
             "win_rate": float(np.mean(pol["reward"] > ref["reward"]) + 0.5 * np.mean(pol["reward"] == ref["reward"])),
             "kl": float(np.mean(pol["logp"] - pol["ref_logp"])),
             "response_length": float(np.mean(pol["mask"].sum(1))),
             "finished": float(np.mean(pol["finished"])),
         }
-        metrics.update(self._heldout_pairs(params))
+        if self.has_pairs:
+            metrics.update(self._heldout_pairs(params))
         return metrics
 
     def _pair_logps(self, params) -> dict[str, np.ndarray]:

@@ -2,6 +2,8 @@
 ``source(prompts, responses) -> float rewards [n]`` on text (prompts: strings or message lists).
 
   builtin  the built-in task's oracle (sail_jax.data.builtin_task)
+  ifeval   the instruction-following oracle: fraction of the prompt's constraints satisfied
+           (sail_jax.data.ifeval_task)
   model    an HF ``*ForSequenceClassification`` folder (e.g. the reward recipe's export), scoring
            ``prompt + response`` with its own tokenizer and chat template
 """
@@ -17,7 +19,7 @@ from flax import nnx
 
 from sail_jax.tokenization import Tokenizer, pack_pairs
 
-REWARD_KINDS = ("builtin", "model")
+REWARD_KINDS = ("builtin", "ifeval", "model")
 
 
 class OracleReward:
@@ -64,6 +66,10 @@ def make_reward_source(cfg):
         from sail_jax.data.builtin_task import oracle_reward
 
         return OracleReward(oracle_reward)
+    if cfg.kind == "ifeval":
+        from sail_jax.data import ifeval_task
+
+        return OracleReward(ifeval_task.oracle_reward)
     if cfg.kind == "model":
         if not cfg.path:
             raise ValueError("config.reward.path is empty: point it at a reward-model folder (kind=model)")

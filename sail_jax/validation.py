@@ -102,6 +102,9 @@ def validate_online_config(config) -> None:
     _require(s.baseline in BASELINES, f"config.sail.baseline={s.baseline!r} is unknown; valid: {list(BASELINES)}")
     _require(s.score_term in SCORE_TERMS,
              f"config.sail.score_term={s.score_term!r} is unknown; valid: {list(SCORE_TERMS)}")
+    _require(config.data.get("eval_kind", "preference") in ("preference", "prompt"),
+             f"config.data.eval_kind={config.data.get('eval_kind')!r} is unknown; valid: 'preference' (held-out "
+             "pairs) or 'prompt' (held-out prompts only)")
     _require(config.reward.kind in REWARD_KINDS,
              f"config.reward.kind={config.reward.kind!r} is unknown; valid: {list(REWARD_KINDS)}")
     _require(float(g.temperature) > 0, f"config.generation.temperature={g.temperature} must be > 0 for sampling")

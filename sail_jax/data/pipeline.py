@@ -138,15 +138,17 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, *, process_inde
 
 
 def encode_online(records: Records, tokenizer: Tokenizer, *, max_prompt_length: int, max_response_length: int,
-                  on_error: str = "raise") -> Encoded:
+                  on_error: str = "raise", prompts_only: bool = False) -> Encoded:
     """The online loop's layout: ``prompt_ids``/``prompt_mask`` left-padded to ``max_prompt_length``
     (what the sampler takes), and the dataset pair's responses right-padded to
     ``max_response_length`` (``chosen_response``/``chosen_response_mask``, same for rejected), so a
-    sampled response can stand in for a dataset one row by row."""
+    sampled response can stand in for a dataset one row by row. ``prompts_only``: prompt records,
+    no pair arrays (held-out prompts for sampling-based evaluation)."""
 
     def one(row):
         prompt = tokenizer.encode_prompt(row["prompt"])[-max_prompt_length:]
-        responses = [tokenizer.encode_response(row["prompt"], row[side]) for side in ("chosen", "rejected")]
+        sides = () if prompts_only else ("chosen", "rejected")
+        responses = [tokenizer.encode_response(row["prompt"], row[side]) for side in sides]
         if not prompt or any(len(r) > max_response_length for r in responses):
             raise TruncationError(f"a response is longer than max_response_length={max_response_length} "
                                   "tokens (or the prompt is empty); raise the limit")
@@ -156,7 +158,7 @@ def encode_online(records: Records, tokenizer: Tokenizer, *, max_prompt_length: 
     rows, skipped = _encode_all(records, one, on_error, dropped)
     arrays = {}
     arrays["prompt_ids"], arrays["prompt_mask"] = pad_left([r[0] for r in rows], max_prompt_length, tokenizer.pad_id)
-    for i, side in enumerate(("chosen", "rejected")):
+    for i, side in enumerate(() if prompts_only else ("chosen", "rejected")):
         ids = np.full((len(rows), max_response_length), tokenizer.pad_id, np.int32)
         mask = np.zeros((len(rows), max_response_length), np.int32)
         for j, (_, responses) in enumerate(rows):

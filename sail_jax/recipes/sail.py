@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sail_jax.data import builtin_task
+from sail_jax.data import builtin_task, ifeval_task
 from sail_jax.data.pipeline import encode_online, load_records, train_iterator
 from sail_jax.models import ModelConfig, build_model, load_pretrained, save_pretrained
 from sail_jax.evaluate import decode_responses
@@ -36,17 +36,39 @@ def _write_jsonl(path: str, rows) -> str:
     return path
 
 
-def prepare_builtin_task(config, workdir: str) -> dict[str, str]:
-    """Build (or reuse) the built-in task's files; returns model/data paths."""
+def prepare_task(config, workdir: str) -> dict[str, str]:
+    """Build (or reuse) the files of ``config.task.name``: the policy folder, the offline preference
+    pairs, and the held-out set (pairs, or prompts alone when ``data.eval_kind`` is ``prompt``)."""
+    name = config.task.get("name", "builtin")
+    if name not in TASKS:
+        raise ValueError(f"config.task.name={name!r} is unknown; valid: {sorted(TASKS)}")
+    root = os.path.abspath(config.task.dir or os.path.join(workdir, "task"))
+    eval_kind = config.data.get("eval_kind", "preference")
+    paths = {"train": os.path.join(root, "preferences_train.jsonl"),
+             "eval": os.path.join(root, "preferences_eval.jsonl" if eval_kind == "preference" else "prompts_eval.jsonl")}
+    paths["model"] = TASKS[name](config, root)
+    for split in ("train", "eval"):
+        if os.path.exists(paths[split]):
+            continue  # each file is written whole or not at all (see _write_jsonl)
+        n, seed = (config.task.preference_train, 1) if split == "train" else (config.task.preference_eval, 2)
+        if split == "eval" and eval_kind == "prompt":
+            rows = [{"prompt": p} for p in _task_prompts(config, split, n, seed)]
+        else:
+            rows = _oracle_labelled_pairs(load_pretrained(paths["model"]), Tokenizer.from_pretrained(paths["model"]),
+                                          config, split, n, seed)
+        _write_jsonl(paths[split], rows)
+    return paths
+
+
+def _builtin_model(config, root: str) -> str:
+    """The built-in task's policy: a tiny Qwen2-architecture model after SFT on demonstrations."""
     from sail_jax.configs import base_config
     from sail_jax.recipes.offline import run as run_offline
 
     task = config.task
-    root = os.path.abspath(task.dir or os.path.join(workdir, "task"))
     base, sft = os.path.join(root, "base"), os.path.join(root, "sft")
-    paths = {"model": os.path.join(sft, "export"), "train": os.path.join(root, "preferences_train.jsonl"),
-             "eval": os.path.join(root, "preferences_eval.jsonl")}
-    if not os.path.exists(os.path.join(paths["model"], "config.json")):
+    path = os.path.join(sft, "export")
+    if not os.path.exists(os.path.join(path, "config.json")):
         os.makedirs(base, exist_ok=True)
         tokenizer = train_bpe_tokenizer(builtin_task.tokenizer_corpus(), vocab_size=600)
         model_config = ModelConfig(model_type="qwen2", vocab_size=tokenizer.vocab_size, hidden_size=64,
@@ -66,53 +88,95 @@ def prepare_builtin_task(config, workdir: str) -> dict[str, str]:
         sft_cfg.checkpoint.every = 0
         logging.info("built-in task: SFT warm start (%d steps) in %s", task.sft_steps, sft)
         run_offline(sft_cfg, sft)
-    if not os.path.exists(paths["eval"]):
-        tokenizer = Tokenizer.from_pretrained(paths["model"])
-        model = load_pretrained(paths["model"])
-        for split, n, seed in (("train", task.preference_train, 1), ("eval", task.preference_eval, 2)):
-            rows = _oracle_labelled_pairs(model, tokenizer, config, n, seed, float(task.label_temperature))
-            _write_jsonl(paths[split], rows)
-    return paths
+    return path
 
 
-def _oracle_labelled_pairs(model, tokenizer, config, n: int, seed: int, temperature: float) -> list[dict]:
-    """Two SFT samples per prompt, labelled by the oracle: P(a ≻ b) = σ((r_a − r_b) / temperature)."""
-    prompts = builtin_task.prompts(n, seed=100 + seed)
-    ids, mask = pad_left([tokenizer.encode_prompt(p) for p in prompts], config.data.max_prompt_length,
-                         tokenizer.pad_id)
-    out = generate(model, ids, mask, jax.random.key(seed), max_new_tokens=config.data.max_response_length - 1,
-                   eos_ids=tokenizer.eos_id, num_samples=2, pad_id=tokenizer.pad_id)
-    tokens, smask = np.asarray(out.tokens), np.asarray(out.mask)
-    finished = np.asarray(out.finished)
-    texts = decode_responses(tokenizer, tokens, smask)
+def _ifeval_model(config, root: str) -> str:
+    """The IFEval-style task's policy: a GGUF instruct model (default SmolLM2-135M-Instruct) as is."""
+    from sail_jax.models.gguf import bundled_smollm2, ensure_converted
+
+    return ensure_converted(config.task.get("gguf") or bundled_smollm2(), os.path.join(root, "model"))
+
+
+# task name -> (config, task root) -> policy folder; prompts and oracle come from TASK_DATA.
+TASKS = {"builtin": _builtin_model, "ifeval": _ifeval_model}
+TASK_DATA = {"builtin": builtin_task, "ifeval": ifeval_task}
+
+
+def _oracle_labelled_pairs(model, tokenizer, config, split: str, n: int, seed: int) -> list[dict]:
+    """``task.pair_samples`` samples of the policy per prompt, turned into (at most) one labelled pair.
+
+    ``task.label_temperature`` > 0: the first two samples, labelled under Bradley–Terry,
+    P(a ≻ b) = σ((r_a − r_b) / temperature). 0: the best and worst finished samples by the oracle,
+    dropped when they tie. Unfinished samples cannot be encoded as whole responses and are skipped.
+    """
+    task, data = config.task, TASK_DATA[config.task.get("name", "builtin")]
+    prompts = _task_prompts(config, split, n, seed)
+    k, temperature = int(task.get("pair_samples", 2)), float(task.label_temperature)
+    texts, finished = _sample_texts(model, tokenizer, config, prompts, k, seed)
     rng = np.random.RandomState(seed)
     rows = []
     for i, prompt in enumerate(prompts):
-        a, b = texts[2 * i], texts[2 * i + 1]
-        fits = all(len(tokenizer.encode_response(prompt, t)) <= config.data.max_response_length for t in (a, b))
-        if a == b or not (finished[2 * i] and finished[2 * i + 1] and fits):
-            continue  # no preference between identical responses; unfinished ones cannot be encoded whole
-        ra, rb = builtin_task.oracle_reward(prompt, a), builtin_task.oracle_reward(prompt, b)
-        a_wins = rng.rand() < 1.0 / (1.0 + np.exp(-(ra - rb) / temperature))
-        rows.append({"prompt": prompt, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
+        ok = [j for j in range(i * k, (i + 1) * k) if finished[j] and len(
+            tokenizer.encode_response(prompt, texts[j])) <= config.data.max_response_length]
+        rewards = {j: data.oracle_reward(prompt, texts[j]) for j in ok}
+        if temperature > 0:
+            a, b = i * k, i * k + 1
+            if a not in rewards or b not in rewards or texts[a] == texts[b]:
+                continue  # no preference between identical responses
+            a_wins = rng.rand() < 1.0 / (1.0 + np.exp(-(rewards[a] - rewards[b]) / temperature))
+            chosen, rejected = (a, b) if a_wins else (b, a)
+        else:
+            if len(ok) < 2:
+                continue
+            chosen, rejected = max(ok, key=rewards.get), min(ok, key=rewards.get)
+            if rewards[chosen] == rewards[rejected]:
+                continue
+        rows.append({"prompt": prompt, "chosen": texts[chosen], "rejected": texts[rejected]})
+    logging.info("task %s: %d labelled pairs from %d prompts", split, len(rows), n)
     return rows
+
+
+def _task_prompts(config, split: str, n: int, seed: int) -> list:
+    name = config.task.get("name", "builtin")
+    return builtin_task.prompts(n, seed=100 + seed) if name == "builtin" else TASK_DATA[name].prompts(
+        n, seed=100 + seed, split=split)
+
+
+def _sample_texts(model, tokenizer, config, prompts, k: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """k samples per prompt (prompt-major), ``task.pair_batch`` prompts per call (0: all at once)."""
+    ids, mask = pad_left([tokenizer.encode_prompt(p) for p in prompts], config.data.max_prompt_length,
+                         tokenizer.pad_id)
+    chunk = min(int(config.task.get("pair_batch", 0)) or len(prompts), len(prompts))
+    texts, finished = [], []
+    for c, start in enumerate(range(0, len(prompts), chunk)):
+        idx = np.arange(start, start + chunk) % len(prompts)  # the last chunk wraps: one compiled shape
+        keep = min(chunk, len(prompts) - start) * k
+        key = jax.random.key(seed) if c == 0 else jax.random.fold_in(jax.random.key(seed), c)
+        out = generate(model, ids[idx], mask[idx], key, max_new_tokens=config.data.max_response_length - 1,
+                       temperature=float(config.generation.temperature), eos_ids=tokenizer.eos_id, num_samples=k,
+                       pad_id=tokenizer.pad_id)
+        texts += decode_responses(tokenizer, np.asarray(out.tokens)[:keep], np.asarray(out.mask)[:keep])
+        finished.append(np.asarray(out.finished)[:keep])
+    return texts, np.concatenate(finished)
 
 
 def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     builtin = not config.model.path
     if builtin:
-        paths = prepare_builtin_task(config, workdir)
+        paths = prepare_task(config, workdir)
         config.model.path, config.data.train_path, config.data.eval_path = paths["model"], paths["train"], paths["eval"]
     validate_online_config(config)
     mesh = make_mesh(dict(config.mesh))
     tokenizer = Tokenizer.from_pretrained(config.model.tokenizer_path or config.model.path)
     d = config.data
     encoded, records = {}, {}
-    for split in ("train", "eval"):
-        records[split] = load_records(d, split, "preference")
+    for split, kind in (("train", "preference"), ("eval", d.get("eval_kind", "preference"))):
+        records[split] = load_records(d, split, kind)
         encoded[split] = encode_online(records[split], tokenizer, max_prompt_length=d.max_prompt_length,
-                                       max_response_length=d.max_response_length, on_error=d.get("on_error", "raise"))
+                                       max_response_length=d.max_response_length, on_error=d.get("on_error", "raise"),
+                                       prompts_only=kind == "prompt")
     eval_prompts = [records["eval"].rows[i]["prompt"] for i in encoded["eval"].arrays["index"]]
     model = load_pretrained(config.model.path, jnp.dtype(config.model.dtype), shardings=sharding_fn(mesh))
     reward_source = make_reward_source(config.reward)
@@ -126,8 +190,9 @@ def run(config, workdir: str) -> dict:
                         "batch_size": config.eval_batch_size})
     initial, final = loop.run()
     summary = {"variant": config.get("variant", ""), "steps": config.steps,
-               "reference": {k: initial[k] for k in ("reward", "win_rate", "kl")},
-               "final": {k: final[k] for k in ("reward", "win_rate", "kl", "heldout/rewards/accuracies")},
+               "reference": {k: initial[k] for k in ("reward", "score", "finished", "win_rate", "kl")},
+               "final": {k: final[k] for k in ("reward", "score", "finished", "win_rate", "kl",
+                                               "heldout/rewards/accuracies") if k in final},
                "train_seconds": loop.seconds["steps"],
                "generation_share": loop.seconds["generation"] / max(loop.seconds["steps"], 1e-9)}
     if jax.process_index() == 0:

@@ -1,0 +1,104 @@
+"""Variants x seeds of the online loop, run resumably and summarised as a table, a CSV and a plot.
+
+Shared by the experiments in ``experiments/``: every run of a sweep starts from the same task files
+(built once in ``OUT/task``) and takes the same number of updates with the same batch size.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+# Student-t 97.5% quantiles for n - 1 degrees of freedom.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_ci(values):
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), _T975[len(values) - 1] * float(values.std(ddof=1)) / np.sqrt(len(values))
+
+
+def run_one(make_config: Callable, variant: str, seed: int, out: str, **overrides) -> dict:
+    """One run in ``OUT/<variant>/seed<seed>``; a finished run (summary.json) is read, not rerun."""
+    from sail_jax.recipes.sail import run as run_sail
+
+    workdir = os.path.join(out, variant, f"seed{seed}")
+    summary_path = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            return json.load(f)
+    config = make_config(variant)
+    config.seed = seed
+    config.checkpoint.every = 0
+    config.update(overrides)
+    config.task.dir = os.path.join(out, "task")
+    t0 = time.time()
+    summary = run_sail(config, workdir)
+    summary["wall_seconds"] = time.time() - t0
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def sweep(make_config: Callable, variants, seeds: int, out: str, **overrides) -> dict[str, list[dict]]:
+    os.makedirs(out, exist_ok=True)
+    return {v: [run_one(make_config, v, s, out, **overrides) for s in range(seeds)] for v in variants}
+
+
+def summarise(results: dict[str, list[dict]], metrics, out: str, header: str) -> str:
+    """Mean ± 95% CI over seeds of each ``(key, label)`` metric (final evaluation, else summary)."""
+    rows = []
+    for v, runs in results.items():
+        row = {"variant": v}
+        for key, _ in metrics:
+            row[key], row[key + "_ci"] = mean_ci([r["final"][key] if key in r["final"] else r[key] for r in runs])
+        rows.append(row)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [header + " Mean ± 95% CI over seeds (Student t).", "",
+             "| variant | " + " | ".join(label for _, label in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for row in rows:
+        cells = [f"{row[k]:.0f} ± {row[k + '_ci']:.0f}" if k == "wall_seconds" else f"{row[k]:.3f} ± {row[k + '_ci']:.3f}"
+                 for k, _ in metrics]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    _plot(results, out)
+    return table
+
+
+def _plot(results, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for v, runs in results.items():
+        axes[0].scatter([r["final"]["kl"] for r in runs], [r["final"]["reward"] for r in runs], label=v)
+        curves = []
+        for seed in range(len(runs)):
+            evals = {}
+            for line in open(os.path.join(out, v, f"seed{seed}", "metrics.jsonl")):
+                rec = json.loads(line)
+                if rec["split"] == "eval":
+                    evals[rec["step"]] = rec["reward"]
+            steps = sorted(evals)
+            curves.append([evals[s] for s in steps])
+        axes[1].plot(steps, np.mean(curves, axis=0), marker="o", label=v)
+    axes[0].set(xlabel="KL(π‖π_ref) (final)", ylabel="oracle reward (final)", title="reward vs KL (each seed)")
+    axes[1].set(xlabel="updates", ylabel="oracle reward (mean over seeds)", title="reward vs steps")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare.png"), dpi=100)
+    plt.close(fig)
