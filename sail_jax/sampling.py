@@ -160,8 +160,9 @@ def generate(
     pad = length - prompt_ids.shape[1]
     prompt_ids = np.pad(prompt_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
     prompt_mask = np.pad(prompt_mask, ((0, 0), (pad, 0)))
-    if batch_sharding is not None:
-        prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), batch_sharding)
+    if batch_sharding is not None:  # every process passes the whole batch; each places its own rows
+        prompt_ids, prompt_mask = (jax.make_array_from_callback(x.shape, batch_sharding, lambda i, x=x: x[i])
+                                   for x in (prompt_ids, prompt_mask))
     budget = bucket(max_new_tokens)
     graphdef, state = nnx.split(model)
     last, cache = _prefill(graphdef, state, prompt_ids, prompt_mask, num_samples=num_samples,

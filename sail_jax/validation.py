@@ -78,6 +78,9 @@ def validate_training_config(config) -> None:
         _validate_preference_loss(config.loss)
         _require(not (config.reference.free and config.reference.precompute),
                  "config.reference: free (reference-free) and precompute cannot both be set")
+        _require(not (config.reference.precompute and jax.process_count() > 1),
+                 "config.reference.precompute=True is single-process only; in a multi-process run keep the "
+                 "reference live (precompute=False)")
 
 
 def validate_online_config(config) -> None:
@@ -86,6 +89,9 @@ def validate_online_config(config) -> None:
     from sail_jax.losses import BASELINES, SCORE_TERMS
     from sail_jax.rewards import REWARD_KINDS
 
+    _require(jax.process_count() == 1,
+             f"the online loop runs single-process for now ({jax.process_count()} processes): its labelling and "
+             "reward calls are host-side; run it on one host (any number of local devices), or use the offline recipes")
     _validate_run(config)
     _validate_preference_loss(config.loss)
     s, g = config.sail, config.generation

@@ -113,16 +113,22 @@ class _Rows:
 
 def train_iterator(arrays: dict[str, np.ndarray], batch_size: int, *, seed: int, process_index: int = 0,
                    process_count: int = 1):
-    """Endless shuffled batches of this process's rows (``batch_size`` = per-process batch).
+    """Endless shuffled batches; ``batch_size`` is per process.
 
-    The returned grain iterator has ``get_state()``/``set_state()``: checkpoints store its position.
+    Every process shuffles all rows with the same seed and keeps its own contiguous slice of each
+    global batch (the rows its devices hold), so the global batches, and hence the training run,
+    are the same for any number of processes. The returned grain iterator has
+    ``get_state()``/``set_state()``: checkpoints store its position.
     """
     n = len(_Rows(arrays))
-    if n < process_count * batch_size:
+    global_batch = process_count * batch_size
+    if n < global_batch:
         raise ValueError(f"the training set has {n} rows, fewer than one global batch "
                          f"({process_count} processes x {batch_size}); add data or lower the batch size")
-    ds = grain.MapDataset.source(_Rows(arrays))[process_index::process_count]
-    ds = ds.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+    ds = grain.MapDataset.source(_Rows(arrays)).shuffle(seed=seed).repeat(None).batch(global_batch, drop_remainder=True)
+    if process_count > 1:
+        lo = process_index * batch_size
+        ds = ds.map(lambda batch: {k: v[lo:lo + batch_size] for k, v in batch.items()})
     return iter(ds.to_iter_dataset())
 
 

@@ -182,10 +182,16 @@ def save_pretrained(
     """Write an HF folder (``config.json`` + safetensors, sharded above ``max_shard_bytes``).
 
     ``transformers.AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` load it as is.
+    In a multi-process run every process must call this (parameters sharded across processes are
+    gathered collectively); only process 0 writes.
     """
-    os.makedirs(path, exist_ok=True)
-    tensors = {name: np.ascontiguousarray(spec.to_hf(np.asarray(jax.device_get(spec.param[...]))))
+    from sail_jax.distributed import is_main, to_host
+
+    tensors = {name: np.ascontiguousarray(spec.to_hf(np.asarray(to_host(spec.param[...]))))
                for name, spec in _tensor_specs(model).items()}
+    if not is_main():
+        return
+    os.makedirs(path, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, value in tensors.items():

@@ -142,7 +142,7 @@ def run(config, workdir: str) -> dict[str, float]:
     bar.close()
     ckpt.close()
     logger.close()
-    if config.get("export", True) and index == 0:
+    if config.get("export", True):  # every process: sharded parameters are gathered collectively
         export = os.path.join(workdir, "export")
         save_pretrained(nnx.merge(graphdef, state.params), export, tokenizer=tokenizer)
         logging.info("exported the trained model to %s", export)
