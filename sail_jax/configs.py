@@ -57,7 +57,8 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
     c.steps = 100
     c.log_every = 10
     c.eval_every = 50
-    c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 3, "async_save": True})
+    # dir: default WORKDIR/checkpoints; a gs:// path survives the machine (TPU preemption, watch.sh).
+    c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 3, "async_save": True, "dir": ""})
     c.export = True
     return c
 

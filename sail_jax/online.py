@@ -35,7 +35,8 @@ from sail_jax.objectives import make_sail_objective
 from sail_jax.optim import make_optimizer
 from sail_jax.sampling import generate
 from sail_jax.sharding import batch_sharding, shard_batch
-from sail_jax.train import Checkpoints, MetricLogger, abstract_like, create_train_state, frozen_copy, make_train_step
+from sail_jax.train import (Checkpoints, MetricLogger, abstract_like, checkpoint_dir, create_train_state, frozen_copy,
+                            make_train_step)
 
 _ROUTE_KEY, _GEN_KEY, _SELECT_KEY, _LABEL_KEY, _DP_KEY = range(5)
 
@@ -260,7 +261,7 @@ class OnlineLoop:
     def run(self) -> tuple[dict[str, float], dict[str, float]]:
         """Train to ``config.steps`` (resuming if a checkpoint exists); returns (first eval, last eval)."""
         config = self.config
-        ckpt = Checkpoints(os.path.join(self.workdir, "checkpoints"), every=config.checkpoint.every,
+        ckpt = Checkpoints(checkpoint_dir(config, self.workdir), every=config.checkpoint.every,
                            keep=config.checkpoint.keep, async_save=config.checkpoint.get("async_save", True))
         start = self.restore(ckpt)
         logger = MetricLogger(self.workdir)

@@ -93,6 +93,11 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def checkpoint_dir(config, workdir: str) -> str:
+    """``config.checkpoint.dir`` (e.g. gs://bucket/run/checkpoints), or WORKDIR/checkpoints."""
+    return config.checkpoint.get("dir") or os.path.join(workdir, "checkpoints")
+
+
 class Checkpoints:
     """orbax ``CheckpointManager``: the train state plus a JSON blob (data iterator position, counters).
 
@@ -104,7 +109,7 @@ class Checkpoints:
     def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
         self.every = every
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            directory if "://" in directory else os.path.abspath(directory),  # gs://... stays remote
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
         )
 

@@ -27,7 +27,7 @@ from sail_jax.objectives import make_dpo_objective, reference_logps, reward_obje
 from sail_jax.optim import make_optimizer
 from sail_jax.sharding import data_parallel_size, make_mesh, shard_batch, sharding_fn
 from sail_jax.tokenization import Tokenizer
-from sail_jax.train import (Checkpoints, MetricLogger, abstract_like, create_train_state, frozen_copy,
+from sail_jax.train import (Checkpoints, MetricLogger, abstract_like, checkpoint_dir, create_train_state, frozen_copy,
                             make_eval_step, make_train_step, mean_metrics)
 from sail_jax.validation import validate_training_config
 
@@ -117,7 +117,7 @@ def run(config, workdir: str) -> dict[str, float]:
                              process_index=index, process_count=processes)
     eval_set = (eval_batches(eval_data.arrays, config.eval_batch_size // processes, process_index=index,
                              process_count=processes) if eval_data else [])
-    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+    ckpt = Checkpoints(checkpoint_dir(config, workdir), every=config.checkpoint.every,
                        keep=config.checkpoint.keep, async_save=config.checkpoint.get("async_save", True))
     restored = ckpt.restore(abstract_like(state, shardings))
     if restored is not None:

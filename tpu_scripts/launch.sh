@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Start a config on every worker of the slice, detached, logging to disk (and to a bucket).
+source "$(dirname "$0")/common.sh"
+
+usage() {
+  cat <<'USAGE'
+Usage: tpu_scripts/launch.sh --name NAME --zone ZONE --config configs/FILE.py --run RUN
+                             [--checkpoint_dir gs://BUCKET/RUN/checkpoints] [--log_bucket gs://BUCKET/logs]
+                             [--project P] [--dry-run] [-- --config.key=value ...]
+
+  Runs `sail-jax --multihost --config=... --workdir=~/sail-runs/RUN` on all workers in a detached
+  session (it survives the ssh connection). Logs: ~/sail-runs/RUN/worker-HOST.log on each worker,
+  copied to --log_bucket every minute when given. With --checkpoint_dir on GCS, a run relaunched on
+  a new slice (tpu_scripts/watch.sh does this after a preemption) resumes from its last checkpoint.
+  Arguments after -- go to sail-jax unchanged.
+USAGE
+}
+
+CONFIG=""
+RUN_NAME=""
+CKPT=""
+LOG_BUCKET=""
+parse_common "$@"
+set -- "${REST[@]+"${REST[@]}"}"
+overrides=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --config) CONFIG="$2"; shift 2 ;;
+    --run) RUN_NAME="$2"; shift 2 ;;
+    --checkpoint_dir) CKPT="$2"; shift 2 ;;
+    --log_bucket) LOG_BUCKET="$2"; shift 2 ;;
+    --) shift; overrides=("$@"); break ;;
+    *) die "unknown flag $1 (sail-jax overrides go after --)" ;;
+  esac
+done
+require TPU_NAME --name
+require TPU_ZONE --zone
+require CONFIG --config
+require RUN_NAME --run
+[[ "$RUN_NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "--run $RUN_NAME: use letters, digits, '.', '_' and '-'"
+
+workdir="\$HOME/sail-runs/$RUN_NAME"
+log="$workdir/worker-\$(hostname).log"
+cmd="sail-jax --multihost --config=$CONFIG --workdir=$workdir"
+if [[ -n "$CKPT" ]]; then
+  cmd+=" --config.checkpoint.dir=$CKPT"
+fi
+for o in "${overrides[@]+"${overrides[@]}"}"; do
+  cmd+=" $(printf '%q' "$o")"
+done
+copy=":"
+if [[ -n "$LOG_BUCKET" ]]; then
+  copy="gsutil -q cp $log $LOG_BUCKET/$RUN_NAME/"
+  cmd="(while sleep 60; do $copy; done) & $cmd; status=\$?; $copy; exit \$status"
+fi
+on_all_workers "cd $SAIL_HOME && . ~/sail-venv/bin/activate && mkdir -p $workdir && \
+setsid nohup bash -c '$cmd' > $log 2>&1 < /dev/null & echo \"started on \$(hostname): $log\""
