@@ -12,6 +12,7 @@ CPU devices talk through gloo, so the same code path runs (and is tested) on a l
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 
@@ -36,6 +37,13 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
 def is_main() -> bool:
     """Process 0 writes logs, summaries and exports; every process computes."""
     return jax.process_index() == 0
+
+
+def global_array(x, sharding):
+    """A host array that every process holds in full, placed as one global array with ``sharding``
+    (each process fills the shards of its own devices)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def to_host(x):

@@ -17,15 +17,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from sail_jax.distributed import global_array, to_host
 from sail_jax.losses import preference_metrics
 from sail_jax.objectives import response_logps
 from sail_jax.sampling import generate
+from sail_jax.sharding import batch_sharding, data_parallel_size
 
 
-def make_logp_fn(graphdef):
-    """Jitted ``(params, prompt_ids, prompt_mask, response, response_mask) -> log π(response|prompt) [n]``."""
-    return jax.jit(lambda params, p, pm, r, rm: response_logps(nnx.merge(graphdef, params), p, pm, r, rm)[0])
+def make_logp_fn(graphdef, mesh=None):
+    """``(params, prompt_ids, prompt_mask, response, response_mask) -> log π(response|prompt)``, a host
+    array [n], jitted. Every process passes the same host rows; when the mesh spans several
+    processes they are placed on it explicitly (over the batch axes when they divide, else replicated)."""
+    fn = jax.jit(lambda params, p, pm, r, rm: response_logps(nnx.merge(graphdef, params), p, pm, r, rm)[0])
+    if mesh is None or jax.process_count() == 1:
+        return lambda params, *rows: np.asarray(fn(params, *rows))
+
+    def logp(params, *rows):
+        rows = [np.asarray(x) for x in rows]
+        sharding = batch_sharding(mesh) if len(rows[0]) % data_parallel_size(mesh) == 0 else NamedSharding(mesh, P())
+        return np.asarray(to_host(fn(params, *(global_array(x, sharding) for x in rows))))
+
+    return logp
 
 
 def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -34,12 +49,14 @@ def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[st
 
 class Evaluator:
     def __init__(self, graphdef, ref_params, *, prompts, eval_arrays, reward_source, tokenizer, gen_cfg,
-                 beta: float, batch_size: int, seed: int, missing_eos_penalty: float = 0.0):
+                 beta: float, batch_size: int, seed: int, missing_eos_penalty: float = 0.0, mesh=None):
         self.graphdef, self.ref_params = graphdef, ref_params
         self.prompts, self.arrays = prompts, eval_arrays
         self.reward_source, self.tokenizer, self.gen_cfg = reward_source, tokenizer, gen_cfg
         self.beta, self.batch_size, self.penalty = beta, batch_size, missing_eos_penalty
-        self.logp = make_logp_fn(graphdef)
+        self.logp = make_logp_fn(graphdef, mesh)
+        # Across processes, sampling inputs must be placed on the mesh; one process keeps jit's choice.
+        self.sampling_sharding = batch_sharding(mesh) if mesh is not None and jax.process_count() > 1 else None
         self.key = jax.random.key(seed)
         self.reference = self._samples(ref_params, jax.random.fold_in(self.key, 1))
         self.has_pairs = "chosen_response" in eval_arrays
@@ -59,12 +76,14 @@ class Evaluator:
         for c, (idx, keep) in enumerate(self._chunks()):
             p, pm = self.arrays["prompt_ids"][idx], self.arrays["prompt_mask"][idx]
             s = generate(model, p, pm, jax.random.fold_in(key, c), max_new_tokens=self.gen_cfg.max_new_tokens,
-                         temperature=1.0, eos_ids=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
-            out["tokens"].append(np.asarray(s.tokens)[:keep])
-            out["mask"].append(np.asarray(s.mask)[:keep])
-            out["finished"].append(np.asarray(s.finished)[:keep])
-            out["logp"].append(np.asarray(self.logp(params, p, pm, s.tokens, s.mask))[:keep])
-            out["ref_logp"].append(np.asarray(self.logp(self.ref_params, p, pm, s.tokens, s.mask))[:keep])
+                         temperature=1.0, eos_ids=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                         batch_sharding=self.sampling_sharding)
+            tokens, mask, finished = (np.asarray(to_host(x)) for x in (s.tokens, s.mask, s.finished))
+            out["tokens"].append(tokens[:keep])
+            out["mask"].append(mask[:keep])
+            out["finished"].append(finished[:keep])
+            out["logp"].append(self.logp(params, p, pm, tokens, mask)[:keep])
+            out["ref_logp"].append(self.logp(self.ref_params, p, pm, tokens, mask)[:keep])
         out = {k: np.concatenate(v) for k, v in out.items()}
         texts = decode_responses(self.tokenizer, out["tokens"], out["mask"])
         out["score"] = self.reward_source(self.prompts, texts)
@@ -94,7 +113,7 @@ class Evaluator:
         out = {}
         for side in ("chosen", "rejected"):
             args = (a["prompt_ids"], a["prompt_mask"], a[f"{side}_response"], a[f"{side}_response_mask"])
-            out[side] = np.concatenate([np.asarray(self.logp(params, *(x[idx] for x in args)))[:keep]
+            out[side] = np.concatenate([self.logp(params, *(x[idx] for x in args))[:keep]
                                         for idx, keep in self._chunks()])
         return out
 

@@ -28,13 +28,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from sail_jax.distributed import global_array, to_host
 from sail_jax.evaluate import Evaluator, decode_responses, make_logp_fn
 from sail_jax.labeling import dp_swaps, draw_routes, preference_labels, select_pairs
 from sail_jax.losses import ROUTE_DP, ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood, update_running_baseline
 from sail_jax.objectives import make_sail_objective
 from sail_jax.optim import make_optimizer
 from sail_jax.sampling import generate
-from sail_jax.sharding import batch_sharding, shard_batch
+from sail_jax.sharding import batch_sharding
 from sail_jax.train import (Checkpoints, MetricLogger, abstract_like, checkpoint_dir, create_train_state, frozen_copy,
                             make_train_step)
 
@@ -71,7 +72,7 @@ class OnlineLoop:
         self.tx = make_optimizer(config.optim, config.steps)
         self.graphdef, self.state, self.shardings = create_train_state(model, self.tx, mesh)
         self.ref_params = frozen_copy(self.state.params, self.shardings.params)
-        self.logp = make_logp_fn(self.graphdef)
+        self.logp = make_logp_fn(self.graphdef, mesh)
         replicated = NamedSharding(mesh, P())
         self.frozen_shardings = {"baseline": replicated}
         objective = make_sail_objective(config.loss, self.sail, score_temperature=self._score_temperature())
@@ -86,7 +87,8 @@ class OnlineLoop:
         self.seconds = {"generation": 0.0, "steps": 0.0}  # totals of this process's run, for summaries
         self.evaluator = Evaluator(self.graphdef, self.ref_params, reward_source=reward_source, tokenizer=tokenizer,
                                    gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
-                                   missing_eos_penalty=float(config.reward.missing_eos_penalty), **evaluator_args)
+                                   missing_eos_penalty=float(config.reward.missing_eos_penalty), mesh=mesh,
+                                   **evaluator_args)
 
     def _score_temperature(self) -> float:
         t = self.sail.get("score_temperature", None)
@@ -109,8 +111,9 @@ class OnlineLoop:
                                num_samples=int(self.sail.num_samples), pad_id=self.tokenizer.pad_id,
                                batch_sharding=batch_sharding(self.mesh))
                 pad = int(self.config.data.max_response_length) - out.tokens.shape[1]  # the batch layout's width
-                s = {"tokens": np.pad(np.asarray(out.tokens), ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_id),
-                     "mask": np.pad(np.asarray(out.mask), ((0, 0), (0, pad))), "finished": np.asarray(out.finished)}
+                ids, mask, finished = (np.asarray(to_host(x)) for x in (out.tokens, out.mask, out.finished))
+                s = {"tokens": np.pad(ids, ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_id),
+                     "mask": np.pad(mask, ((0, 0), (0, pad))), "finished": finished}
                 seconds += time.time() - t0
                 tokens += int(s["mask"].sum())
                 samples.append(s)
@@ -118,7 +121,7 @@ class OnlineLoop:
 
     # ------------------------------------------------------------------ labelling
     def _logps(self, params, prompt_ids, prompt_mask, response, mask) -> np.ndarray:
-        return np.asarray(self.logp(params, prompt_ids, prompt_mask, response, mask))
+        return self.logp(params, prompt_ids, prompt_mask, response, mask)
 
     def label(self, step: int, batch: dict, samples: dict | None) -> tuple[dict, dict]:
         """The train batch (pair per example, per its route) and the labelling metrics."""
@@ -204,8 +207,11 @@ class OnlineLoop:
         samples = self.block.samples[index] if self.block.samples else None
         train_batch, metrics = self.label(step, batch, samples)
         self._update_running_baseline(train_batch)
-        self.state, step_metrics = self.train_step(self.state, shard_batch(train_batch, self.mesh),
-                                                   {"baseline": self.baseline_for_step})
+        # Every process labels the same global batch (same keys, gathered samples and log-probs) and
+        # places its own rows of it.
+        sharding = batch_sharding(self.mesh)
+        placed = {k: global_array(v, sharding) for k, v in train_batch.items()}
+        self.state, step_metrics = self.train_step(self.state, placed, {"baseline": self.baseline_for_step})
         self._maybe_sync_reference(step + 1)
         elapsed = time.time() - t0
         gen_share = self.block.gen_seconds if step % self.block_len == 0 else 0.0

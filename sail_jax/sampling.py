@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sail_jax.distributed import global_array
 from sail_jax.models.transformer import init_cache
 
 _COMPILES: collections.Counter = collections.Counter()
@@ -161,8 +162,7 @@ def generate(
     prompt_ids = np.pad(prompt_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
     prompt_mask = np.pad(prompt_mask, ((0, 0), (pad, 0)))
     if batch_sharding is not None:  # every process passes the whole batch; each places its own rows
-        prompt_ids, prompt_mask = (jax.make_array_from_callback(x.shape, batch_sharding, lambda i, x=x: x[i])
-                                   for x in (prompt_ids, prompt_mask))
+        prompt_ids, prompt_mask = global_array(prompt_ids, batch_sharding), global_array(prompt_mask, batch_sharding)
     budget = bucket(max_new_tokens)
     graphdef, state = nnx.split(model)
     last, cache = _prefill(graphdef, state, prompt_ids, prompt_mask, num_samples=num_samples,

@@ -89,9 +89,6 @@ def validate_online_config(config) -> None:
     from sail_jax.losses import BASELINES, SCORE_TERMS
     from sail_jax.rewards import REWARD_KINDS
 
-    _require(jax.process_count() == 1,
-             f"the online loop runs single-process for now ({jax.process_count()} processes): its labelling and "
-             "reward calls are host-side; run it on one host (any number of local devices), or use the offline recipes")
     _validate_run(config)
     _validate_preference_loss(config.loss)
     s, g = config.sail, config.generation

@@ -1,7 +1,8 @@
 """Two JAX processes on localhost (4 CPU devices each, gloo collectives) against one process with 8.
 
 DPO steps through the CLI give the same losses and the same exported weights; a checkpoint written
-by the pair is resumed by the pair; sampling on a mesh spanning both processes gives the same tokens.
+by the pair is resumed by the pair; sampling on a mesh spanning both processes gives the same tokens;
+the SAIL loop (all three online routes) logs the same losses and evaluations.
 """
 
 import json
@@ -34,7 +35,9 @@ def _free_port() -> int:
 def _run(args, processes: int, timeout: int = 300):
     """``args`` as one process with 8 devices, or as ``processes`` processes sharing 8 devices."""
     if processes == 1:
-        subprocess.run([sys.executable, *args], env=_env(8), cwd=REPO, check=True, capture_output=True, timeout=timeout)
+        out = subprocess.run([sys.executable, *args], env=_env(8), cwd=REPO, capture_output=True, text=True,
+                             timeout=timeout)
+        assert out.returncode == 0, out.stderr[-3000:]
         return
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, *args, *_process_flags(args, port, processes, i)], env=_env(8 // processes),
@@ -86,6 +89,23 @@ def test_two_processes_train_resume_and_sample_like_one(tiny_checkpoint, tmp_pat
     assert one["tokens"].shape == (32, 6)
     np.testing.assert_array_equal(two["tokens"], one["tokens"])
     np.testing.assert_allclose(two["logprobs"], one["logprobs"], atol=1e-5)
+
+
+def test_two_processes_run_the_sail_loop_like_one(tmp_path):
+    task = tmp_path / "task"
+    common = ["-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--config.task.dir={task}",
+              "--config.task.sft_steps=30", "--config.task.sft_examples=256", "--config.task.preference_train=128",
+              "--config.task.preference_eval=16", "--config.sail.p_dp=0.2", "--config.sail.p_pp=0.2",
+              "--config.sail.p_pr=0.2", "--config.steps=3", "--config.batch_size=16", "--config.eval_batch_size=16",
+              "--config.log_every=1", "--config.eval_every=3", "--config.checkpoint.every=0", "--config.mesh.data=2"]
+    _run([*common, f"--workdir={tmp_path / 'one'}"], processes=1)  # also builds the task files
+    _run([*common, f"--workdir={tmp_path / 'two'}"], processes=2)
+    rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "two")}
+    assert [r["step"] for r in rows["two"]] == [r["step"] for r in rows["one"]] == [0, 1, 2, 3, 3]
+    for a, b in zip(rows["one"], rows["two"]):
+        for key in ("loss", "reward", "kl", "route/pr_frac", "labels/ties_dropped"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
 
 
 def test_incomplete_process_flags_are_refused():

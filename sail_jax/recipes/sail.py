@@ -46,6 +46,10 @@ def prepare_task(config, workdir: str) -> dict[str, str]:
     eval_kind = config.data.get("eval_kind", "preference")
     paths = {"train": os.path.join(root, "preferences_train.jsonl"),
              "eval": os.path.join(root, "preferences_eval.jsonl" if eval_kind == "preference" else "prompts_eval.jsonl")}
+    model_config = os.path.join(root, TASK_MODEL_DIRS[name], "config.json")
+    if jax.process_count() > 1 and not all(map(os.path.exists, [model_config, *paths.values()])):
+        raise RuntimeError(f"task files in {root} are missing: build the task once in a single process (same "
+                           "config, one host), or point model.path and data.* at existing files")
     paths["model"] = TASKS[name](config, root)
     for split in ("train", "eval"):
         if os.path.exists(paths[split]):
@@ -67,7 +71,7 @@ def _builtin_model(config, root: str) -> str:
 
     task = config.task
     base, sft = os.path.join(root, "base"), os.path.join(root, "sft")
-    path = os.path.join(sft, "export")
+    path = os.path.join(root, TASK_MODEL_DIRS["builtin"])
     if not os.path.exists(os.path.join(path, "config.json")):
         os.makedirs(base, exist_ok=True)
         tokenizer = train_bpe_tokenizer(builtin_task.tokenizer_corpus(), vocab_size=600)
@@ -95,11 +99,13 @@ def _ifeval_model(config, root: str) -> str:
     """The IFEval-style task's policy: a GGUF instruct model (default SmolLM2-135M-Instruct) as is."""
     from sail_jax.models.gguf import bundled_smollm2, ensure_converted
 
-    return ensure_converted(config.task.get("gguf") or bundled_smollm2(), os.path.join(root, "model"))
+    return ensure_converted(config.task.get("gguf") or bundled_smollm2(), os.path.join(root, TASK_MODEL_DIRS["ifeval"]))
 
 
-# task name -> (config, task root) -> policy folder; prompts and oracle come from TASK_DATA.
+# task name -> (config, task root) -> policy folder (TASK_MODEL_DIRS, under the root); prompts and
+# oracle come from TASK_DATA.
 TASKS = {"builtin": _builtin_model, "ifeval": _ifeval_model}
+TASK_MODEL_DIRS = {"builtin": os.path.join("sft", "export"), "ifeval": "model"}
 TASK_DATA = {"builtin": builtin_task, "ifeval": ifeval_task}
 
 
@@ -182,9 +188,8 @@ def run(config, workdir: str) -> dict:
     reward_source = make_reward_source(config.reward)
     loop = OnlineLoop(
         config, model=model, tokenizer=tokenizer, mesh=mesh, workdir=workdir,
-        prompt_iterator=train_iterator(encoded["train"].arrays, config.batch_size // jax.process_count(),
-                                       seed=config.seed, process_index=jax.process_index(),
-                                       process_count=jax.process_count()),
+        # The whole global batch on every process: labelling is replicated, each process trains on its rows.
+        prompt_iterator=train_iterator(encoded["train"].arrays, config.batch_size, seed=config.seed),
         train_prompts=[r["prompt"] for r in records["train"].rows], reward_source=reward_source,
         evaluator_args={"prompts": eval_prompts, "eval_arrays": encoded["eval"].arrays,
                         "batch_size": config.eval_batch_size})
@@ -195,8 +200,8 @@ def run(config, workdir: str) -> dict:
                                                "heldout/rewards/accuracies") if k in final},
                "train_seconds": loop.seconds["steps"],
                "generation_share": loop.seconds["generation"] / max(loop.seconds["steps"], 1e-9)}
+    save_pretrained(loop.export_model(), os.path.join(workdir, "export"), tokenizer=tokenizer)  # collective
     if jax.process_index() == 0:
-        save_pretrained(loop.export_model(), os.path.join(workdir, "export"), tokenizer=tokenizer)
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         _plot(workdir)
