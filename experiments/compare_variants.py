@@ -32,7 +32,12 @@ def main():
     args = parser.parse_args()
     seeds = args.seeds or (2 if args.quick else 3)
     steps = args.steps or (60 if args.quick else 150)
-    results = sweep(sail_config, args.variants.split(","), seeds, args.out, steps=steps, eval_every=steps // 3)
+    def make_config(variant):
+        c = sail_config(variant)
+        c.checkpoint.every = 0  # 20-second runs: rerun rather than checkpoint
+        return c
+
+    results = sweep(make_config, args.variants.split(","), seeds, args.out, steps=steps, eval_every=steps // 3)
     reference = np.mean([r["reference"]["reward"] for runs in results.values() for r in runs])
     print(summarise(results, METRICS, args.out, f"{seeds} seeds x {steps} updates (batch 32) per variant; "
                                                 f"SFT reference reward {reference:.3f}."))

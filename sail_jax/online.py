@@ -270,7 +270,7 @@ class OnlineLoop:
         ckpt = Checkpoints(checkpoint_dir(config, self.workdir), every=config.checkpoint.every,
                            keep=config.checkpoint.keep, async_save=config.checkpoint.get("async_save", True))
         start = self.restore(ckpt)
-        logger = MetricLogger(self.workdir)
+        logger = MetricLogger(self.workdir, start_step=start)
         initial = self.evaluator(self.ref_params)
         if start == 0:
             logger.write(0, initial, split="eval")

@@ -26,7 +26,8 @@ def mean_ci(values):
 
 
 def run_one(make_config: Callable, variant: str, seed: int, out: str, **overrides) -> dict:
-    """One run in ``OUT/<variant>/seed<seed>``; a finished run (summary.json) is read, not rerun."""
+    """One run in ``OUT/<variant>/seed<seed>``; a finished run (summary.json) is read, not rerun, and
+    an interrupted one resumes from its last checkpoint (if its config writes checkpoints)."""
     from sail_jax.recipes.sail import run as run_sail
 
     workdir = os.path.join(out, variant, f"seed{seed}")
@@ -36,7 +37,6 @@ def run_one(make_config: Callable, variant: str, seed: int, out: str, **override
             return json.load(f)
     config = make_config(variant)
     config.seed = seed
-    config.checkpoint.every = 0
     config.update(overrides)
     config.task.dir = os.path.join(out, "task")
     t0 = time.time()

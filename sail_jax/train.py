@@ -141,15 +141,23 @@ class Checkpoints:
 class MetricLogger:
     """``metrics.jsonl`` (one object per line: step, split, metrics) and TensorBoard events.
 
-    Only process 0 writes; values are fetched to host floats here.
+    Only process 0 writes; values are fetched to host floats here. A run resumed from step
+    ``start_step`` keeps the rows up to that step and drops later ones (they are logged again), so
+    the file never holds two histories.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool | None = None):
+    def __init__(self, workdir: str, *, start_step: int = 0, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._file = self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(workdir, "metrics.jsonl")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    kept = [line for line in f if start_step > 0 and json.loads(line)["step"] <= start_step]
+                with open(path, "w", encoding="utf-8") as f:
+                    f.writelines(kept)
+            self._file = open(path, "a", encoding="utf-8")
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -261,3 +261,21 @@ def test_bad_configs_fail_early_with_the_key_and_the_fix(tiny_checkpoint, tmp_pa
     (config[section] if section else config)[field] = value
     with pytest.raises(ConfigError, match=message):
         validate_training_config(config)
+
+
+def test_metric_log_keeps_one_history_across_restarts(tmp_path):
+    from sail_jax.train import MetricLogger
+
+    def steps():
+        return [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+
+    log = MetricLogger(str(tmp_path), enabled=True)
+    for step in (1, 2, 3, 4):
+        log.write(step, {"loss": 1.0 / step})
+    log.close()
+    log = MetricLogger(str(tmp_path), start_step=2, enabled=True)  # resumed from the step-2 checkpoint
+    log.write(3, {"loss": 0.5})
+    log.close()
+    assert steps() == [1, 2, 3]
+    MetricLogger(str(tmp_path), enabled=True).close()  # no checkpoint: a fresh start
+    assert steps() == []

@@ -124,8 +124,8 @@ def run(config, workdir: str) -> dict[str, float]:
         state, extra = restored
         batches.set_state(extra["data"])
         logging.info("resumed from step %d", int(state.step))
-    logger = MetricLogger(workdir)
     start = int(state.step)
+    logger = MetricLogger(workdir, start_step=start)
     final: dict[str, float] = {}
     bar = tqdm(total=config.steps, initial=start, disable=index != 0, desc=config.recipe, dynamic_ncols=True)
     t0 = time.time()
