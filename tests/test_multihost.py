@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 
 def _run(args, processes: int, timeout: int = 300):
-    """``args`` as one process with 8 devices, or as ``processes`` processes sharing 8 devices."""
+    """``args`` as one process with 8 CPU devices, or as ``processes`` processes sharing 8."""
     if processes == 1:
         out = subprocess.run([sys.executable, *args], env=_env(8), cwd=REPO, capture_output=True, text=True,
                              timeout=timeout)
@@ -82,9 +82,10 @@ def test_two_processes_train_resume_and_sample_like_one(tiny_checkpoint, tmp_pat
     for name in a:
         np.testing.assert_allclose(b[name], a[name], atol=1e-4, err_msg=name)  # all-reduce order
 
-    script = os.path.join(REPO, "tests", "multihost_generate.py")
-    _run([script, tiny_checkpoint, str(tmp_path / "one.npz")], processes=1)
-    _run([script, tiny_checkpoint, str(tmp_path / "two.npz")], processes=2)
+    from multihost_generate import main as generate_here
+
+    generate_here(tiny_checkpoint, str(tmp_path / "one.npz"))  # 1 process: this one (8 devices, see conftest)
+    _run([os.path.join(REPO, "tests", "multihost_generate.py"), tiny_checkpoint, str(tmp_path / "two.npz")], processes=2)
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert one["tokens"].shape == (32, 6)
     np.testing.assert_array_equal(two["tokens"], one["tokens"])
