@@ -133,7 +133,7 @@ def ifeval_config(variant: str = "sail_pr", reduced: bool = False) -> ml_collect
 
     Full: one GPU / TPU host (200 updates of 32 prompts x 4 samples; ~100 s a run on one H100).
     ``reduced``: the 2-core-CPU setting (12 updates of 8 prompts at a 3x higher learning rate, 64
-    held-out prompts; ~45 min for the four variants of experiments/smollm2_ifeval.py).
+    held-out prompts; about an hour for the four variants of experiments/smollm2_ifeval.py).
     """
     c = sail_config(variant)
     c.task.update(name="ifeval", preference_train=192 if reduced else 1024, preference_eval=64 if reduced else 256,

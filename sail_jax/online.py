@@ -120,9 +120,6 @@ class OnlineLoop:
         return Block(step, batches, samples, seconds, tokens)
 
     # ------------------------------------------------------------------ labelling
-    def _logps(self, params, prompt_ids, prompt_mask, response, mask) -> np.ndarray:
-        return self.logp(params, prompt_ids, prompt_mask, response, mask)
-
     def label(self, step: int, batch: dict, samples: dict | None) -> tuple[dict, dict]:
         """The train batch (pair per example, per its route) and the labelling metrics."""
         b = len(batch["valid"])
@@ -131,14 +128,14 @@ class OnlineLoop:
                                         p_pp=float(self.sail.p_pp), p_pr=float(self.sail.p_pr)))
         out = {k: batch[k].copy() for k in ("prompt_ids", "prompt_mask", "chosen_response", "chosen_response_mask",
                                               "rejected_response", "rejected_response_mask")}
-        ref = {s: self._logps(self.ref_params, p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
+        ref = {s: self.logp(self.ref_params, p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
                for s in ("chosen", "rejected")}
         out["ref_chosen_logps"], out["ref_rejected_logps"] = ref["chosen"], ref["rejected"]
         valid = batch["valid"].astype(bool).copy()
         metrics: dict[str, float] = {}
 
         if float(self.sail.p_dp) > 0:  # resample the dataset label from the current policy
-            pol = {s: self._logps(self.state.params, p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
+            pol = {s: self.logp(self.state.params, p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
                    for s in ("chosen", "rejected")}
             h = (pol["chosen"] - ref["chosen"]) - (pol["rejected"] - ref["rejected"])
             swap = np.asarray(dp_swaps(self._key(_DP_KEY, step), jnp.asarray(h), self.beta)) & (routes == ROUTE_DP)
@@ -155,8 +152,8 @@ class OnlineLoop:
             k = int(self.sail.num_samples)
             tokens, smask, finished = samples["tokens"], samples["mask"], samples["finished"]
             rp, rpm = np.repeat(p, k, axis=0), np.repeat(pm, k, axis=0)
-            ref_s = self._logps(self.ref_params, rp, rpm, tokens, smask).reshape(b, k)
-            pol_s = self._logps(self.state.params, rp, rpm, tokens, smask).reshape(b, k)
+            ref_s = self.logp(self.ref_params, rp, rpm, tokens, smask).reshape(b, k)
+            pol_s = self.logp(self.state.params, rp, rpm, tokens, smask).reshape(b, k)
             implicit = self.beta * (pol_s - ref_s)
             reward = np.zeros((b, k), np.float32)
             if (routes == ROUTE_PR).any():
@@ -230,8 +227,8 @@ class OnlineLoop:
         if self.sail.baseline != "running":
             return
         p, pm = batch["prompt_ids"], batch["prompt_mask"]
-        c = self._logps(self.state.params, p, pm, batch["chosen_response"], batch["chosen_response_mask"])
-        r = self._logps(self.state.params, p, pm, batch["rejected_response"], batch["rejected_response_mask"])
+        c = self.logp(self.state.params, p, pm, batch["chosen_response"], batch["chosen_response_mask"])
+        r = self.logp(self.state.params, p, pm, batch["rejected_response"], batch["rejected_response_mask"])
         ell = implicit_log_likelihood(c, r, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=self.beta)
         self.baseline = update_running_baseline(self.baseline, ell, batch["route"], batch["valid"],
                                                 decay=float(self.sail.baseline_decay))

@@ -190,7 +190,7 @@ CHATS = [[{"role": "user", "content": c}] for c in (
 
 
 @pytest.mark.slow
-def test_smollm2_logits_and_greedy_generation_match_transformers(smollm2, tmp_path):
+def test_smollm2_logits_and_greedy_generation_match_transformers(smollm2):
     import torch
 
     gguf_path, folder = smollm2
@@ -211,12 +211,3 @@ def test_smollm2_logits_and_greedy_generation_match_transformers(smollm2, tmp_pa
             want = ref.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_id,
                                 pad_token_id=tok.pad_id)[0, len(p):].tolist()
         assert np.asarray(out.tokens[i])[: int(out.lengths[i])].tolist() == want
-
-    # What we export (after any training) loads in transformers with the same logits.
-    from transformers import AutoModelForCausalLM
-
-    save_pretrained(model, str(tmp_path / "export"), tokenizer=tok)
-    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
-    with torch.no_grad():
-        again = exported(torch.tensor([prompts[0]])).logits.numpy()
-    np.testing.assert_allclose(again, np.asarray(model(jnp.asarray([prompts[0]]))), atol=1e-3)

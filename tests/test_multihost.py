@@ -92,19 +92,19 @@ def test_two_processes_train_resume_and_sample_like_one(tiny_checkpoint, tmp_pat
     np.testing.assert_allclose(two["logprobs"], one["logprobs"], atol=1e-5)
 
 
-def test_two_processes_run_the_sail_loop_like_one(tmp_path):
-    task = tmp_path / "task"
-    common = ["-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--config.task.dir={task}",
-              "--config.task.sft_steps=30", "--config.task.sft_examples=256", "--config.task.preference_train=128",
-              "--config.task.preference_eval=16", "--config.sail.p_dp=0.2", "--config.sail.p_pp=0.2",
-              "--config.sail.p_pr=0.2", "--config.steps=3", "--config.batch_size=16", "--config.eval_batch_size=16",
-              "--config.log_every=1", "--config.eval_every=3", "--config.checkpoint.every=0", "--config.mesh.data=2"]
-    _run([*common, f"--workdir={tmp_path / 'one'}"], processes=1)  # also builds the task files
+def test_two_processes_run_the_sail_loop_like_one(tiny_checkpoint, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(64))
+    common = ["-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--config.model.path={tiny_checkpoint}",
+              f"--config.data.train_path={data}", f"--config.data.eval_path={data}", "--config.sail.p_dp=0.2",
+              "--config.sail.p_pp=0.2", "--config.sail.p_pr=0.2", "--config.steps=3", "--config.batch_size=16",
+              "--config.eval_batch_size=16", "--config.log_every=1", "--config.eval_every=3",
+              "--config.checkpoint.every=0", "--config.mesh.data=2", "--config.data.max_prompt_length=16"]
+    _run([*common, f"--workdir={tmp_path / 'one'}"], processes=1)
     _run([*common, f"--workdir={tmp_path / 'two'}"], processes=2)
     rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "two")}
     assert [r["step"] for r in rows["two"]] == [r["step"] for r in rows["one"]] == [0, 1, 2, 3, 3]
     for a, b in zip(rows["one"], rows["two"]):
-        for key in ("loss", "reward", "kl", "route/pr_frac", "labels/ties_dropped"):
+        for key in ("loss", "reward", "kl", "route/pr_frac", "labels/ties_dropped", "heldout/rewards/accuracies"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
 
