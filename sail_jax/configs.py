@@ -6,6 +6,8 @@ arguments are typed placeholders (None = optax's default), so ``--config.optim.k
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -17,8 +19,10 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({
         "path": "",  # local Hugging Face folder (config.json + safetensors)
         "tokenizer_path": "",  # default: model.path
+        "hub_id": "",  # e.g. Qwen/Qwen2.5-7B-Instruct: lets `sail-jax plan` size a model not downloaded yet
         "dtype": "float32",  # compute dtype: float32 | bfloat16
         "param_dtype": "",  # storage dtype; default: dtype
+        "remat": "none",  # activation checkpointing per decoder layer: none | dots | full
     })
     c.reference = ml_collections.ConfigDict({
         "path": "",  # default: the initial policy
@@ -147,4 +151,47 @@ def ifeval_config(variant: str = "sail_pr", reduced: bool = False) -> ml_collect
     c.batch_size, c.eval_batch_size = (8, 64) if reduced else (32, 64)
     c.steps, c.eval_every, c.log_every = (12, 12, 2) if reduced else (200, 50, 10)
     c.checkpoint.every = 0 if reduced else 50
+    return c
+
+
+# Real-model presets (configs/<name>_sail.py): the model (its hub id, downloaded to models/<name>), the
+# slices it is planned for (`sail-jax plan` shows each fits), the mesh and the batch that fit them.
+PRESETS = {
+    "qwen2_5_0_5b": dict(hub_id="Qwen/Qwen2.5-0.5B-Instruct", targets="v4-8,v5e-8,1xH100", batch_size=16,
+                         learning_rate=1e-6, remat="full"),
+    "qwen2_5_1_5b": dict(hub_id="Qwen/Qwen2.5-1.5B-Instruct", targets="v4-8,v5e-8,1xH100", batch_size=16,
+                         learning_rate=1e-6, remat="full"),
+    "qwen2_5_7b": dict(hub_id="Qwen/Qwen2.5-7B-Instruct", targets="v4-32,v5e-32", batch_size=64,
+                       learning_rate=5e-7, remat="full"),
+    "llama3_8b": dict(hub_id="meta-llama/Meta-Llama-3-8B-Instruct", targets="v4-32,v5e-32", batch_size=64,
+                      learning_rate=5e-7, remat="full"),
+}
+# The paper's datasets, as built by sail_jax.data.tfds_builders (name -> TFDS config).
+PRESET_DATASETS = {"ultrafeedback": "ultrafeedback", "pku_saferlhf": "pku_safe_rlhf", "hh_rlhf": "hh_rlhf"}
+
+
+def preset_config(model: str, dataset: str = "ultrafeedback", variant: str = "sail_pp") -> ml_collections.ConfigDict:
+    """SAIL on a public instruct model and one of the paper's preference sets (TFDS), with the paper's
+    β = 0.1 and RMSprop. The paper tuned lr 1e-5 for LoRA; we train all parameters (no LoRA yet), so
+    the presets use the 5e-7 to 1e-6 typical of full-parameter DPO. bf16 compute, float32 weights and
+    optimizer state, FSDP over every device, remat per decoder layer."""
+    if model not in PRESETS:
+        raise ValueError(f"unknown preset model {model!r}; valid: {sorted(PRESETS)}")
+    if dataset not in PRESET_DATASETS:
+        raise ValueError(f"unknown preset dataset {dataset!r}; valid: {sorted(PRESET_DATASETS)}")
+    p = PRESETS[model]
+    c = sail_config(variant)
+    c.model.update(path=f"models/{p['hub_id'].split('/')[1]}", hub_id=p["hub_id"], dtype="bfloat16",
+                   param_dtype="float32", remat=p["remat"])
+    c.data.update(source="tfds", tfds_name=f"preference_pairs/{PRESET_DATASETS[dataset]}",
+                  tfds_dir=os.path.expanduser("~/tensorflow_datasets"), train_split="train", eval_split="test",
+                  on_error="skip", max_prompt_length=256, max_response_length=256)
+    c.generation.update(max_new_tokens=256, temperature=1.0)
+    c.reward.update(kind="model", path="", missing_eos_penalty=0.0)  # path: the reward model folder
+    c.optim.update(learning_rate=p["learning_rate"], warmup_steps=10)
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.batch_size, c.eval_batch_size = p["batch_size"], p["batch_size"]
+    c.steps, c.log_every, c.eval_every = 1000, 10, 100
+    c.checkpoint.update(every=100, keep=2)
+    c.plan_targets = p["targets"]
     return c

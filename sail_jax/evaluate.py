@@ -29,10 +29,10 @@ from sail_jax.sharding import batch_sharding, data_parallel_size
 
 def make_logp_fn(graphdef, mesh=None):
     """``(params, prompt_ids, prompt_mask, response, response_mask) -> log π(response|prompt)``, a host
-    array [n], jitted. Every process passes the same host rows; when the mesh spans several
-    processes they are placed on it explicitly (over the batch axes when they divide, else replicated)."""
+    array [n], jitted. Every process passes the same host rows; they are placed on the mesh over the
+    batch axes when they divide (else replicated), so no device computes every row."""
     fn = jax.jit(lambda params, p, pm, r, rm: response_logps(nnx.merge(graphdef, params), p, pm, r, rm)[0])
-    if mesh is None or jax.process_count() == 1:
+    if mesh is None:
         return lambda params, *rows: np.asarray(fn(params, *rows))
 
     def logp(params, *rows):

@@ -66,7 +66,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
         def objective(params):
             return loss_fn(nnx.merge(graphdef, params), batch, frozen, rng)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the model keeps activations over the batch axes
+            (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),

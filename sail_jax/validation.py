@@ -40,6 +40,17 @@ def validate_mesh_and_batches(config, *batch_keys: str) -> tuple[int, ...]:
     return sizes
 
 
+def validate_model_options(model) -> None:
+    """Compute/storage dtypes and the remat policy (they are not part of the checkpoint's config.json)."""
+    from sail_jax.models.config import DTYPES, REMAT
+
+    _require(model.dtype in DTYPES, f"config.model.dtype={model.dtype!r} is unknown; valid: {sorted(DTYPES)}")
+    param_dtype = model.get("param_dtype") or model.dtype
+    _require(param_dtype in DTYPES, f"config.model.param_dtype={param_dtype!r} is unknown; valid: {sorted(DTYPES)}")
+    remat = model.get("remat", "none")
+    _require(remat in REMAT, f"config.model.remat={remat!r} is unknown; valid: {list(REMAT)}")
+
+
 def validate_optim(optim) -> None:
     _require(optim.name in OPTIMIZERS, f"config.optim.name={optim.name!r} is unknown; valid: {sorted(OPTIMIZERS)}")
     _require(optim.schedule in SCHEDULES, f"config.optim.schedule={optim.schedule!r} is unknown; valid: {list(SCHEDULES)}")
@@ -51,6 +62,7 @@ def _validate_run(config) -> None:
     """What every training run needs: a model folder, loop lengths, checkpoints, optimizer, mesh and batches."""
     _require(bool(config.model.path), "config.model.path is empty: point it at a local Hugging Face model folder")
     _require(os.path.isdir(config.model.path), f"config.model.path={config.model.path!r} is not a folder")
+    validate_model_options(config.model)
     for key in ("steps", "log_every", "eval_every"):
         _require(int(config[key]) >= 1, f"config.{key}={config[key]!r} must be >= 1")
     _require(int(config.checkpoint.every) >= 0, "config.checkpoint.every must be >= 0 (0: only at the end)")

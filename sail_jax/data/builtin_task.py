@@ -25,6 +25,16 @@ NEGATIVE = ("awful", "dull", "cold", "noisy", "bitter", "dirty", "sad", "harsh",
 FILLERS = ("it", "is", "and", "very", "so", "quite", "the", "feels", "looks", "always", "today")
 VOCABULARY = frozenset(TOPICS + POSITIVE + NEGATIVE + FILLERS)
 TOPIC_BONUS, SENTIMENT_WEIGHT, GIBBERISH_PENALTY = 0.3, 0.7, 0.5
+VOCAB_SIZE = 600  # the BPE tokenizer's target size (the trained one may come out smaller)
+
+
+def model_config(vocab_size: int = VOCAB_SIZE, *, eos_id=None, pad_id=None):
+    """The task's policy: a tiny Qwen2-architecture model (random init, then SFT)."""
+    from sail_jax.models import ModelConfig
+
+    return ModelConfig(model_type="qwen2", vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True,
+                       eos_token_id=eos_id, pad_token_id=pad_id)
 
 
 def make_prompt(topic: str) -> str:

@@ -24,6 +24,9 @@ _ARCH_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 _TASK_SUFFIX = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequenceClassification"}
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a decoder layer keeps for the backward pass (see transformer.REMAT_POLICIES): everything, only
+# the outputs of its matmuls, or only its input (the layer is recomputed in the backward pass).
+REMAT = ("none", "dots", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    remat: str = "none"  # activation checkpointing per decoder layer, one of REMAT (not part of config.json)
 
     def __post_init__(self):
         if self.model_type not in _ARCH_PREFIX:
@@ -69,6 +73,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; valid: {sorted(DTYPES)}")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat={self.remat!r} is not supported; valid: {list(REMAT)}")
         rope_type = self.rope_params.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type={rope_type!r} is not supported; valid: {list(ROPE_TYPES)}")

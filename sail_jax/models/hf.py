@@ -111,6 +111,7 @@ def load_pretrained(
     shardings: ShardingFn | None = None,
     task: str | None = None,
     head_seed: int = 0,
+    remat: str = "none",
 ) -> CausalLM | RewardModel:
     """Load a local HF folder into our model (causal LM or reward model, by its architecture).
 
@@ -122,9 +123,10 @@ def load_pretrained(
       task: ``"sequence_classification"`` turns a causal-LM checkpoint into a reward model (as HF's
         ``AutoModelForSequenceClassification`` does): the LM head is dropped and a new scalar
         ``score`` head is initialised from ``head_seed``. None: the checkpoint's own task.
+      remat: activation checkpointing of the decoder layers in training (``models.config.REMAT``: none | dots | full).
     """
     dtype_name = jnp.dtype(dtype).name
-    config = read_config(path, dtype=dtype_name, param_dtype=jnp.dtype(param_dtype or dtype).name)
+    config = read_config(path, dtype=dtype_name, param_dtype=jnp.dtype(param_dtype or dtype).name, remat=remat)
     new_heads: set[str] = set()
     if task is not None and task != config.task:
         if (config.task, task) != ("causal_lm", "sequence_classification"):

@@ -102,7 +102,8 @@ def run(config, workdir: str) -> dict[str, float]:
 
     dtype = jnp.dtype(config.model.dtype)
     model = load_pretrained(config.model.path, dtype, param_dtype=config.model.get("param_dtype") or None,
-                            shardings=sharding_fn(mesh), task=recipe.model_task, head_seed=config.seed)
+                            shardings=sharding_fn(mesh), task=recipe.model_task, head_seed=config.seed,
+                            remat=config.model.get("remat", "none"))
     tx = make_optimizer(config.optim, config.steps)
     graphdef, state, shardings = create_train_state(model, tx, mesh)
     del model

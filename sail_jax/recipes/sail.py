@@ -19,7 +19,7 @@ from absl import logging
 
 from sail_jax.data import builtin_task, ifeval_task
 from sail_jax.data.pipeline import encode_online, load_records, train_iterator
-from sail_jax.models import ModelConfig, build_model, load_pretrained, save_pretrained
+from sail_jax.models import build_model, load_pretrained, save_pretrained
 from sail_jax.evaluate import decode_responses
 from sail_jax.online import OnlineLoop
 from sail_jax.rewards import make_reward_source
@@ -74,11 +74,8 @@ def _builtin_model(config, root: str) -> str:
     path = os.path.join(root, TASK_MODEL_DIRS["builtin"])
     if not os.path.exists(os.path.join(path, "config.json")):
         os.makedirs(base, exist_ok=True)
-        tokenizer = train_bpe_tokenizer(builtin_task.tokenizer_corpus(), vocab_size=600)
-        model_config = ModelConfig(model_type="qwen2", vocab_size=tokenizer.vocab_size, hidden_size=64,
-                                   intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                                   qkv_bias=True, tie_word_embeddings=True, eos_token_id=tokenizer.eos_id,
-                                   pad_token_id=tokenizer.pad_id)
+        tokenizer = train_bpe_tokenizer(builtin_task.tokenizer_corpus(), vocab_size=builtin_task.VOCAB_SIZE)
+        model_config = builtin_task.model_config(tokenizer.vocab_size, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         save_pretrained(build_model(model_config, seed=config.seed), base, tokenizer=tokenizer)
         sft_cfg = base_config("sft")
         sft_cfg.model.path = base
@@ -184,7 +181,8 @@ def run(config, workdir: str) -> dict:
                                        max_response_length=d.max_response_length, on_error=d.get("on_error", "raise"),
                                        prompts_only=kind == "prompt")
     eval_prompts = [records["eval"].rows[i]["prompt"] for i in encoded["eval"].arrays["index"]]
-    model = load_pretrained(config.model.path, jnp.dtype(config.model.dtype), shardings=sharding_fn(mesh))
+    model = load_pretrained(config.model.path, jnp.dtype(config.model.dtype), shardings=sharding_fn(mesh),
+                            param_dtype=config.model.get("param_dtype") or None, remat=config.model.get("remat", "none"))
     reward_source = make_reward_source(config.reward)
     loop = OnlineLoop(
         config, model=model, tokenizer=tokenizer, mesh=mesh, workdir=workdir,

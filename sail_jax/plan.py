@@ -1,0 +1,352 @@
+"""Memory planner: what each device will hold for a config's run on a target slice, before renting it.
+
+    sail-jax plan --config=configs/presets/qwen2_5_7b_sail.py [--target=v5e-32] [--config.model.remat=full]
+
+Per device, for the config's model (its folder's ``config.json``, or ``model.hub_id``), dtypes,
+remat policy, mesh and batch shapes:
+
+  params, optimizer state,   exact: shard shapes under ``sharding.PARTITION_RULES`` on the target
+  gradients, reference       mesh (the reference is a second copy of the params when it is live)
+  activations                XLA's own buffer assignment for one device's rows of the loss and its
+                             gradient, compiled (never run) on the host at 2 and 3 decoder layers,
+                             extrapolated linearly to all layers and split over the tensor axis (a layer's saved activations and
+                             working set repeat exactly); FSDP adds the gathered weights the backward
+                             pass reuses (every layer without remat, one with) and one layer's gradient
+  KV cache, sampling         the generation cache for ``batch_size x num_samples`` rows (SAIL), and the
+                             labelling pass's largest forward buffer
+The peak is the largest of the phases (train step, generation, labelling); the run fits when the
+peak stays under the target's usable memory (TPU: 95% of HBM; GPU: 75%, JAX's default
+preallocation). The host compiles with XLA's memory-minimising scheduler, as TPU and GPU compilers
+schedule; tests check the totals against the compiled train step of tiny models within 15%.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AbstractMesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sail_jax.models import ModelConfig, build_model
+from sail_jax.sampling import bucket
+from sail_jax.sharding import AXES, opt_state_shardings, param_shardings, resolve_axis_sizes
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    devices: int
+    device_bytes: int  # memory of one device
+    usable_fraction: float  # what a JAX process may use of it
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.device_bytes * self.usable_fraction)
+
+
+# chips per slice name: v4/v5p count TensorCores (2 per chip), v5e/v6e count chips.
+_TPU = {"v4": (2, 32 * GIB), "v5p": (2, 95 * GIB), "v5e": (1, 16 * GIB), "v5litepod": (1, 16 * GIB),
+        "v6e": (1, 32 * GIB)}
+_GPU = {"h100": 80 * 10**9, "h200": 141 * 10**9, "a100-40": 40 * 10**9, "a100-80": 80 * 10**9, "l4": 24 * 10**9}
+
+
+def parse_target(name: str) -> Target:
+    """``v4-8``, ``v5e-32``, ``v5litepod-16``, ``v5p-8``, ``v6e-8``, ``1xH100``, ``8xA100-80``, ``cpu``."""
+    tpu = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.lower())
+    if tpu:
+        per_chip, hbm = _TPU[tpu.group(1)]
+        cores = int(tpu.group(2))
+        if cores % per_chip:
+            raise ValueError(f"target {name!r}: {tpu.group(1)} slices count {per_chip} cores per chip")
+        return Target(name, cores // per_chip, hbm, 0.95)
+    gpu = re.fullmatch(r"(\d+)x([a-z0-9-]+)", name.lower())
+    if gpu and gpu.group(2) in _GPU:
+        return Target(name, int(gpu.group(1)), _GPU[gpu.group(2)], 0.75)
+    raise ValueError(f"unknown target {name!r}; use a TPU slice (v4-8, v5e-32, v5litepod-16, v5p-8, v6e-8) or "
+                     f"NxGPU with GPU in {sorted(_GPU)} (e.g. 1xH100)")
+
+
+def model_config_of(config) -> ModelConfig:
+    """The architecture to plan for, with the config's dtypes and remat policy."""
+    from sail_jax.data import builtin_task
+    from sail_jax.models.hf import read_config
+    from sail_jax.models.known import known_config
+
+    m = config.model
+    options = dict(dtype=m.dtype, param_dtype=m.get("param_dtype") or m.dtype, remat=m.get("remat", "none"))
+    if m.path and os.path.exists(os.path.join(m.path, "config.json")):
+        return read_config(m.path, **options)
+    if m.get("hub_id"):
+        return known_config(m.hub_id, **options)
+    if not m.path and config.recipe == "sail":
+        task = config.task.get("name", "builtin")
+        if task == "builtin":
+            return builtin_task.model_config().replace(**options)
+        return known_config("HuggingFaceTB/SmolLM2-135M-Instruct", **options)
+    raise ValueError(f"config.model.path={m.path!r} has no config.json and config.model.hub_id is not set: "
+                     "download the model, or set model.hub_id to a model of sail_jax.models.known")
+
+
+@dataclasses.dataclass
+class Plan:
+    target: Target | None
+    mesh: dict[str, int]
+    rows: dict[str, int]  # component -> bytes per device
+    phases: dict[str, int]  # phase -> bytes per device at its peak
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.target is None else self.peak <= self.target.usable_bytes
+
+    def table(self) -> str:
+        lines = [f"{'component (per device)':<34}{'GiB':>10}"]
+        lines += [f"  {name:<32}{b / GIB:>10.3f}" for name, b in self.rows.items()]
+        lines += [f"{'phase peak':<34}"] + [f"  {name:<32}{b / GIB:>10.3f}" for name, b in self.phases.items()]
+        if self.target is not None:
+            t = self.target
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"peak {self.peak / GIB:.2f} GiB of {t.usable_bytes / GIB:.1f} GiB usable on {t.name} "
+                         f"({t.devices} x {t.device_bytes / GIB:.1f} GiB, {t.usable_fraction:.0%}): {verdict}")
+        return "\n".join(lines)
+
+
+def _nbytes(shape, dtype) -> int:
+    return int(math.prod(shape)) * jnp.dtype(dtype).itemsize
+
+
+def _sharded_bytes(tree, shardings) -> int:
+    return sum(_nbytes(s.shard_shape(x.shape), x.dtype) for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def _abstract_params(model_config: ModelConfig):
+    return nnx.split(nnx.eval_shape(lambda: build_model(model_config)))
+
+
+def _batch_spec(config, rows: int) -> tuple[dict[str, jax.ShapeDtypeStruct], str]:
+    """Abstract train batch of ``rows`` examples in the recipe's layout, and the objective's kind."""
+    d, i32, f32 = config.data, jnp.int32, jnp.float32
+    sds = jax.ShapeDtypeStruct
+    if config.recipe == "sail":
+        p, r = int(d.max_prompt_length), int(d.max_response_length)
+        batch = {"prompt_ids": sds((rows, p), i32), "prompt_mask": sds((rows, p), i32), "route": sds((rows,), i32),
+                 "valid": sds((rows,), i32), "ref_chosen_logps": sds((rows,), f32),
+                 "ref_rejected_logps": sds((rows,), f32)}
+        for side in ("chosen", "rejected"):
+            batch[f"{side}_response"] = batch[f"{side}_response_mask"] = sds((rows, r), i32)
+        return batch, "sail"
+    t = int(d.max_length)
+    if config.recipe == "sft":
+        return {k: sds((rows, t), i32) for k in ("input_ids", "attention_mask", "loss_mask")} | {
+            "valid": sds((rows,), i32)}, "sft"
+    batch = {f"{s}_{k}": sds((rows, t), i32) for s in ("chosen", "rejected")
+             for k in ("input_ids", "attention_mask", "loss_mask")}
+    batch["valid"] = sds((rows,), i32)
+    if config.recipe == "dpo" and config.reference.get("precompute", False) and not config.reference.get("free"):
+        batch["ref_chosen_logps"] = batch["ref_rejected_logps"] = sds((rows,), f32)
+    return batch, config.recipe
+
+
+def _reference_is_live(config) -> bool:
+    if config.recipe == "sail":
+        return True
+    return config.recipe == "dpo" and not (config.reference.get("free", False) or config.reference.get("precompute", False))
+
+
+def _objective(config, graphdef):
+    from sail_jax.objectives import make_dpo_objective, make_sail_objective, reward_objective, sft_objective
+
+    if config.recipe == "sail":
+        return make_sail_objective(config.loss, config.sail)
+    if config.recipe == "dpo":
+        mode = "none" if config.reference.get("free", False) else (
+            "cached" if config.reference.get("precompute", False) else "model")
+        return make_dpo_objective(config.loss, graphdef, mode)
+    return {"sft": sft_objective, "reward": reward_objective}[config.recipe]
+
+
+def _frozen(config, params):
+    if config.recipe == "sail":
+        from sail_jax.losses import RunningBaseline
+
+        return {"baseline": jax.eval_shape(RunningBaseline.init)}
+    return {"reference": params} if _reference_is_live(config) else {}
+
+
+def _compiled_temp(fn, *args) -> int:
+    """XLA's temporary buffer bytes for ``fn`` at these abstract shapes (compiled on the host, not run)."""
+    return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def _saved_bytes(fn, *args) -> int:
+    """Bytes the backward pass of ``fn`` keeps from its forward pass (its residuals, inputs excluded)."""
+    closed, shapes = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a), return_shape=True)(*args)
+    jaxpr, inputs = closed.jaxpr, set(closed.jaxpr.invars) | set(closed.jaxpr.constvars)
+    residuals = {v for v in jaxpr.outvars[len(jaxpr.outvars) - len(jax.tree.leaves(shapes[1])):]
+                 if not hasattr(v, "val") and v not in inputs}
+    return sum(_nbytes(v.aval.shape, v.aval.dtype) for v in residuals)
+
+
+def _per_layer_extrapolation(measure, num_layers: int, saved=None) -> int:
+    """``measure(layers)`` at 2 and 3 layers (the first layer shares buffers with the embedding and
+    head, later ones repeat), extended linearly to ``num_layers``; each layer adds at least what its
+    backward pass keeps (``saved(layers)``, when given)."""
+    if num_layers <= 2:
+        return measure(num_layers)
+    two, three = measure(2), measure(3)
+    step = max(three - two, saved(3) - saved(2) if saved else 0, 0)
+    return two + (num_layers - 2) * step
+
+
+def train_activation_bytes(config, model_config: ModelConfig, rows: int) -> int:
+    """Temporary bytes of one device's loss-and-gradient (activations kept for the backward pass,
+    recomputation and working buffers), ``rows`` examples per device."""
+    batch, _ = _batch_spec(config, rows)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+
+    def abstract(layers):
+        return _abstract_params(model_config.replace(num_layers=layers, sliding_windows=(
+            None if model_config.sliding_windows is None else model_config.sliding_windows[:layers])))
+
+    def measure(layers):
+        graphdef, params = abstract(layers)
+        objective = _objective(config, graphdef)
+        frozen = _frozen(config, params)
+
+        def grad(params, batch, frozen, rng):
+            grads = jax.grad(lambda p: objective(nnx.merge(graphdef, p), batch, frozen, rng)[0])(params)
+            # Global-norm clipping makes XLA:CPU schedule every layer's recomputation early, undoing
+            # remat (measured: 82 -> 225 MB on a tiny model); the plan assumes the accelerator keeps
+            # remat's savings, and counts the clip's effect on the schedule only without remat.
+            if float(config.optim.get("clip_norm", 0.0)) > 0 and model_config.remat == "none":
+                grads = optax.clip_by_global_norm(float(config.optim.clip_norm)).update(grads, None)[0]
+            return grads
+
+        return _compiled_temp(grad, params, batch, frozen, rng)
+
+    def saved(layers):
+        graphdef, params = abstract(layers)
+        objective = _objective(config, graphdef)
+        return _saved_bytes(lambda p, b, f, r: objective(nnx.merge(graphdef, p), b, f, r)[0], params, batch,
+                            _frozen(config, params), rng)
+
+    # Without remat the jaxpr's residuals overcount what XLA keeps (it fuses elementwise chains), so
+    # the floor applies to remat policies only, where the residuals are the layer inputs or matmuls.
+    return _per_layer_extrapolation(measure, model_config.num_layers, saved if model_config.remat != "none" else None)
+
+
+def labelling_bytes(config, model_config: ModelConfig, rows: int) -> int:
+    """Temporary bytes of the labelling pass (log-probs of ``rows`` sampled responses per device)."""
+    from sail_jax.objectives import response_logps
+
+    d = config.data
+    p, r = int(d.max_prompt_length), int(d.max_response_length)
+    sds = jax.ShapeDtypeStruct
+    rows_spec = (sds((rows, p), jnp.int32), sds((rows, p), jnp.int32), sds((rows, r), jnp.int32),
+                 sds((rows, r), jnp.int32))
+
+    def measure(layers):
+        graphdef, params = _abstract_params(model_config.replace(num_layers=layers, sliding_windows=None))
+        return _compiled_temp(lambda params, *x: response_logps(nnx.merge(graphdef, params), *x)[0], params, *rows_spec)
+
+    return _per_layer_extrapolation(measure, model_config.num_layers)
+
+
+def kv_cache_bytes(config, model_config: ModelConfig, rows: int, tensor: int) -> int:
+    """The sampler's cache for ``rows`` sequences on one device (prompt and budget bucketed as it does)."""
+    length = bucket(int(config.data.max_prompt_length)) + bucket(int(config.generation.max_new_tokens))
+    kv = model_config.num_kv_heads // tensor if model_config.num_kv_heads % tensor == 0 else model_config.num_kv_heads
+    per_layer = 2 * _nbytes((rows, length, kv, model_config.head_dim), model_config.compute_dtype)
+    return model_config.num_layers * per_layer + _nbytes((rows, length), jnp.bool_)
+
+
+def fsdp_gather_bytes(params, mesh_sizes: dict[str, int], model_config: ModelConfig) -> int:
+    """FSDP: decoder-layer weights are all-gathered (per tensor shard) for the forward pass. Without
+    remat the backward pass reuses them, so every layer's gathered weights stay live; with remat the
+    gather is redone inside each layer's recomputation. Plus one layer's full gradient before its
+    reduce-scatter."""
+    if mesh_sizes["fsdp"] == 1:
+        return 0
+    layers = sum(x.size * x.dtype.itemsize for path, x in jax.tree_util.tree_leaves_with_path(params)
+                 if "layers" in jax.tree_util.keystr(path)) // mesh_sizes["tensor"]
+    one = layers // model_config.num_layers
+    return (layers if model_config.remat == "none" else one) + one
+
+
+def make_plan(config, *, target: Target | None = None, num_devices: int | None = None,
+              model_config: ModelConfig | None = None) -> Plan:
+    """The plan of ``config`` on ``target`` (or on ``num_devices`` devices without a memory verdict);
+    ``model_config`` replaces the config's model (tests)."""
+    from sail_jax.optim import make_optimizer
+
+    devices = target.devices if target is not None else (num_devices or jax.device_count())
+    sizes = dict(zip(AXES, resolve_axis_sizes(dict(config.mesh), devices)))
+    mesh = AbstractMesh(tuple(sizes.values()), AXES)
+    dp = sizes["data"] * sizes["fsdp"]
+    if int(config.batch_size) % dp:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
+                         f"of mesh {sizes} on {devices} devices")
+    model_config = model_config or model_config_of(config)
+    graphdef, params = _abstract_params(model_config)
+    p_shardings = param_shardings(params, mesh)
+    tx = make_optimizer(config.optim, int(config.steps))
+    opt_state = jax.eval_shape(tx.init, params)
+    o_shardings = opt_state_shardings(tx, opt_state, params, mesh)
+
+    rows = int(config.batch_size) // dp
+    batch, _ = _batch_spec(config, rows)
+    params_bytes = _sharded_bytes(params, p_shardings)
+    out = {
+        "params": params_bytes,
+        "optimizer state": _sharded_bytes(opt_state, o_shardings),
+        "gradients": params_bytes,
+        "reference": params_bytes if _reference_is_live(config) else 0,
+        "batch": sum(_nbytes(x.shape, x.dtype) for x in jax.tree.leaves(batch)),
+        # XLA splits each layer's activations over the tensor axis (measured within 15% on 2-way TP).
+        f"activations (remat={model_config.remat})": train_activation_bytes(config, model_config, rows) // sizes["tensor"],
+        "FSDP gathered weights": fsdp_gather_bytes(params, sizes, model_config),
+    }
+    state = out["params"] + out["optimizer state"] + out["reference"]
+    phases = {"train step": sum(out.values())}
+    if config.recipe == "sail":
+        samples = int(config.batch_size) * int(config.sail.num_samples)
+        sample_rows = samples // dp if samples % dp == 0 else samples
+        out["KV cache (generation)"] = kv_cache_bytes(config, model_config, sample_rows, sizes["tensor"])
+        out["labelling pass"] = labelling_bytes(config, model_config, sample_rows) // sizes["tensor"]
+        phases["generation"] = state + out["KV cache (generation)"]
+        phases["labelling"] = state + out["labelling pass"]
+    return Plan(target, sizes, out, phases)
+
+
+def measured_train_step_bytes(config, model, mesh) -> int:
+    """Per-device bytes of the real compiled train step (arguments + temporaries + outputs not
+    aliased to the donated state): what ``make_plan``'s train phase predicts. Tiny models only."""
+    from sail_jax.optim import make_optimizer
+    from sail_jax.train import abstract_like, create_train_state, make_train_step
+
+    tx = make_optimizer(config.optim, int(config.steps))
+    graphdef, state, shardings = create_train_state(model, tx, mesh)
+    objective = _objective(config, graphdef)
+    frozen = _frozen(config, state.params)
+    replicated = NamedSharding(mesh, P())
+    frozen_sh = {"reference": shardings.params} if "reference" in frozen else jax.tree.map(lambda _: replicated, frozen)
+    frozen = abstract_like(frozen, frozen_sh)
+    step = make_train_step(graphdef, tx, objective, mesh, shardings, frozen_sh, seed=0)
+    batch, _ = _batch_spec(config, int(config.batch_size))
+    m = step.lower(abstract_like(state, shardings), batch, frozen).compile().memory_analysis()
+    reference = _sharded_bytes(state.params, shardings.params) if config.recipe == "sail" else 0  # held outside the step
+    return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + reference)
