@@ -1,5 +1,7 @@
 """Sampler throughput: ours (jitted, KV cache) vs transformers `generate` (PyTorch, CPU) vs our model
-decoding without a cache, on identical weights; plus the decode step against its memory floor.
+decoding without a cache, on identical weights; plus one decode step against its floors: the bytes it
+must read at the machine's streaming read bandwidth, and its FLOPs at the rate this machine multiplies
+a batch-sized matrix by a weight matrix (small-batch decoding is bound by that GEMM rate on a CPU).
 
     python benchmarks/sampling.py            # tiny config and the SmolLM2-135M shape
     python benchmarks/sampling.py --quick    # tiny config only, fewer tokens
@@ -23,13 +25,23 @@ from flax import nnx
 from common import SHAPES, median_time
 
 from sail_jax.models import load_pretrained
-from sail_jax.sampling import generate
+from sail_jax.sampling import bucket, generate
 
-def _copy_bandwidth(nbytes=256 * 2**20):
+def _read_bandwidth(nbytes=1 << 30):
+    """Streaming read rate (a sum over 1 GiB, larger than any cache): what a decode step that only
+    reads its weights and KV cache could reach."""
     x = jnp.ones(nbytes // 4, jnp.float32)
-    copy = jax.jit(lambda a: a + 0.0)
-    t = median_time(lambda: copy(x).block_until_ready(), 5)
-    return 2 * nbytes / t  # read + write
+    total = jax.jit(jnp.sum)
+    return nbytes / median_time(lambda: total(x).block_until_ready(), 5)
+
+
+def _gemm_rate(rows, hidden, intermediate, nbytes=512 << 20):
+    """FLOP/s of ``[rows, hidden] @ [hidden, intermediate]`` float32 matmuls streaming 512 MiB of
+    distinct weights: the rate a decode step's projections can run at for this batch."""
+    weights = jnp.ones((max(1, nbytes // (4 * hidden * intermediate)), hidden, intermediate), jnp.float32)
+    x = jnp.ones((rows, hidden), jnp.float32)
+    chain = jax.jit(lambda x, w: jax.lax.scan(lambda c, wi: (c + jnp.sum(x @ wi), None), 0.0, w)[0])
+    return 2 * rows * weights.size / median_time(lambda: chain(x, weights).block_until_ready(), 5)
 
 
 def _no_cache_decode(model, ids, mask, new_tokens):
@@ -83,12 +95,22 @@ def bench_shape(name, batch, prompt_len, new_tokens, repeats, with_no_cache):
     if with_no_cache:
         rows["ours without cache"] = median_time(_no_cache_decode(model, ids, mask, new_tokens), 1)
 
-    # Decode-step floor: every step reads all parameters and the KV cache written so far (average).
+    # One decode step, prefill excluded: the same call with a single new token is timed and removed.
+    first = median_time(lambda: generate(model, ids, mask, key, max_new_tokens=1, eos_ids=[-1]).tokens
+                        .block_until_ready(), repeats)
+    step = (rows["ours (jit + KV cache)"] - first) / (new_tokens - 1)
+    # What a step must do: read every weight once, and the KV cache, which our attention reads whole
+    # (prompt and budget bucketed); multiply the batch by every projection and the output embedding.
+    head_dim = config.hidden_size // config.num_attention_heads
+    cache_len = bucket(prompt_len) + bucket(new_tokens)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    kv_bytes_avg = (2 * config.num_hidden_layers * batch * (prompt_len + new_tokens / 2)
-                    * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4)
-    step_bytes = 4 * n_params + kv_bytes_avg
-    return rows, tokens, step_bytes
+    matmul_params = n_params - config.vocab_size * config.hidden_size * (not config.tie_word_embeddings)
+    kv_bytes = 2 * config.num_hidden_layers * batch * cache_len * config.num_key_value_heads * head_dim * 4
+    flops = 2 * batch * (matmul_params + 2 * config.num_hidden_layers * cache_len * config.num_attention_heads
+                         * head_dim)
+    step_stats = dict(step=step, bytes=4 * n_params + kv_bytes, flops=flops,
+                      gemm=_gemm_rate(batch, config.hidden_size, config.intermediate_size))
+    return rows, tokens, step_stats
 
 
 def main():
@@ -97,30 +119,31 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-cache-shapes", default="tiny", help="comma list of shapes that also time no-cache decoding")
     args = parser.parse_args()
     shapes = ["tiny"] if args.quick else list(SHAPES)
     new_tokens = 32 if args.quick else args.new_tokens
-    bandwidth = _copy_bandwidth()
+    bandwidth = _read_bandwidth()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
-          f"on {jax.devices()[0].platform}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+          f"on {jax.devices()[0].platform}; streaming read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"batch {args.batch}, prompt {args.prompt}, {new_tokens} new tokens, median of {args.repeats}\n")
-    print(f"| shape | sampler | seconds | tokens/s | vs transformers |")
-    print(f"|---|---|---|---|---|")
-    floors = []
+    print("| shape | sampler | seconds | tokens/s | vs transformers |")
+    print("|---|---|---|---|---|")
+    steps = []
     for shape in shapes:
-        rows, tokens, step_bytes = bench_shape(shape, args.batch, args.prompt, new_tokens, args.repeats,
-                                               shape in args.no_cache_shapes.split(","))
+        rows, tokens, stats = bench_shape(shape, args.batch, args.prompt, new_tokens, args.repeats,
+                                          shape in args.no_cache_shapes.split(","))
         hf_time = rows["transformers generate (torch CPU)"]
         for label, seconds in rows.items():
             print(f"| {shape} | {label} | {seconds:.2f} | {tokens / seconds:,.0f} | {hf_time / seconds:.2f}x |")
-        step = rows["ours (jit + KV cache)"] / new_tokens
-        floors.append((shape, step, step_bytes / bandwidth))
-    print("\n| shape | our decode step (ms, incl. prefill share) | memory floor (ms) | ratio |")
-    print("|---|---|---|---|")
-    for shape, step, floor in floors:
-        print(f"| {shape} | {step * 1e3:.2f} | {floor * 1e3:.3f} | {step / floor:.1f}x |")
+        steps.append((shape, stats))
+    print(f"\n| shape | decode step (ms) | reads (MB) | read floor (ms) | GFLOP/s reached | batch-{args.batch} "
+          "GEMM GFLOP/s | compute floor (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, st in steps:
+        print(f"| {shape} | {st['step'] * 1e3:.2f} | {st['bytes'] / 1e6:.1f} | {st['bytes'] / bandwidth * 1e3:.2f} | "
+              f"{st['flops'] / st['step'] / 1e9:.0f} | {st['gemm'] / 1e9:.0f} | {st['flops'] / st['gemm'] * 1e3:.2f} |")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sail_jax.logprobs import token_logprobs
 from sail_jax.models import load_pretrained
-from sail_jax.sampling import bucket, compile_counts, filter_logits, generate
+from sail_jax.sampling import bucket, compile_counts, filter_logits, generate, sample_categorical
 
 PAD = 0
 
@@ -62,6 +62,23 @@ def test_first_token_frequencies_match_the_filtered_softmax(tiny_model, temperat
     np.testing.assert_array_less(np.abs(freq - expected), tolerance)
     # The returned log-prob is that of the sampled token under the sampling distribution.
     np.testing.assert_allclose(out.logprobs[:, 0], np.log(expected[np.asarray(out.tokens[:, 0])]), rtol=1e-4, atol=1e-5)
+
+
+def test_two_level_sampler_draws_the_softmax_and_never_a_masked_token():
+    vocab, n = 300, 40000  # 10 blocks of 32 tokens, the last one padded
+    logits = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (vocab,))
+    masked = np.r_[32:64, 95, 96, 299]  # a whole block, both sides of a block boundary, the last token
+    logits = logits.at[masked].set(-jnp.inf)
+    tokens, logprobs = sample_categorical(jax.random.PRNGKey(1), jnp.broadcast_to(logits, (n, vocab)))
+    expected = np.asarray(jax.nn.softmax(logits))
+    counts = np.bincount(np.asarray(tokens), minlength=vocab)
+    assert counts[masked].sum() == 0
+    tolerance = 4.5 * np.sqrt(expected * (1 - expected) / n) + 1e-9
+    np.testing.assert_array_less(np.abs(counts / n - expected), tolerance)
+    np.testing.assert_allclose(logprobs, np.log(expected[np.asarray(tokens)]), rtol=1e-5, atol=1e-6)
+    # One surviving token (top-k = 1 after filtering) is drawn every time.
+    only = jnp.full((4, vocab), -jnp.inf).at[:, 170].set(0.0)
+    assert np.all(np.asarray(sample_categorical(jax.random.PRNGKey(2), only)[0]) == 170)
 
 
 def test_logprobs_equal_a_full_forward_recomputation(tiny_model):

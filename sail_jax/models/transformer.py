@@ -97,17 +97,21 @@ def make_attention_mask(q_pos, k_pos, q_slot, k_slot, k_valid, window: int | Non
 
 
 def dot_product_attention(q, k, v, mask) -> jax.Array:
-    """Grouped-query attention. ``q [b,t,h,d]``, ``k,v [b,s,kv,d]``, ``mask [b,t,s]`` -> ``[b,t,h,d]``.
+    """Grouped-query attention. ``q [b,t,h,d]``, ``k [b,kv,s,d]``, ``v [b,kv,d,s]``, ``mask [b,t,s]``
+    -> ``[b,t,h,d]``.
 
-    Softmax in float32; fully masked rows (padding queries) get uniform weights instead of NaN.
+    Keys and values come in the KV cache's layout, where both matmuls contract their operands'
+    minor axes, so a decode step reads the cache in place (with ``[b,s,kv,d]`` XLA:CPU transposed
+    the whole cache, three copies per layer per step). Softmax in float32; fully masked rows
+    (padding queries) get uniform weights instead of NaN.
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bkds->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -115,7 +119,8 @@ def dot_product_attention(q, k, v, mask) -> jax.Array:
 class KVCache:
     """Preallocated keys/values for incremental decoding; a PyTree, so it can be donated to jit.
 
-    keys/values: per layer ``[batch, max_len, kv_heads, head_dim]``; ``mask [batch, max_len]`` marks
+    keys: per layer ``[batch, kv_heads, max_len, head_dim]``, values ``[batch, kv_heads, head_dim,
+    max_len]`` (see ``dot_product_attention``); ``mask [batch, max_len]`` marks
     slots holding real tokens; slots ``[0, end)`` have been written.
     """
 
@@ -128,14 +133,22 @@ class KVCache:
     def max_len(self) -> int:
         return self.mask.shape[1]
 
+    def grow(self, max_len: int) -> "KVCache":
+        """The same cache with room for ``max_len`` slots (new slots empty). Prefilling into a cache
+        sized to the prompt and growing it after keeps the prompt's attention off the empty slots."""
+        extra = max_len - self.max_len
+        pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+        return self.replace(keys=tuple(pad(k, 2) for k in self.keys), values=tuple(pad(v, 3) for v in self.values),
+                            mask=pad(self.mask, 1))
+
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
     dtype = dtype or config.compute_dtype
-    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+    values_shape = (batch_size, config.num_kv_heads, config.head_dim, max_len)
     return KVCache(
-        keys=zeros,
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        values=tuple(jnp.zeros(values_shape, dtype) for _ in range(config.num_layers)),
         mask=jnp.zeros((batch_size, max_len), jnp.bool_),
         end=jnp.zeros((), jnp.int32),
     )
@@ -153,12 +166,12 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, inv_freq, mask_fn, cache_kv=None):
         """``cache_kv``: None, or ``(k_cache, v_cache, end)`` to write this chunk at slot ``end``."""
         q = apply_rope(self.q_proj(x), positions, inv_freq)
-        k = apply_rope(self.k_proj(x), positions, inv_freq)
-        v = self.v_proj(x)
+        k = apply_rope(self.k_proj(x), positions, inv_freq).transpose(0, 2, 1, 3)  # [b, kv, t, d]
+        v = self.v_proj(x).transpose(0, 2, 3, 1)  # [b, kv, d, t]
         if cache_kv is not None:
             k_cache, v_cache, end = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), end, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), end, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), end, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), end, axis=3)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_fn(self.window))
         return self.o_proj(out), (k, v)
 
