@@ -25,7 +25,7 @@ from flax import nnx
 from common import SHAPES, median_time
 
 from sail_jax.models import load_pretrained
-from sail_jax.sampling import bucket, generate
+from sail_jax.sampling import cache_length, generate
 
 def _read_bandwidth(nbytes=1 << 30):
     """Streaming read rate (a sum over 1 GiB, larger than any cache): what a decode step that only
@@ -102,7 +102,7 @@ def bench_shape(name, batch, prompt_len, new_tokens, repeats, with_no_cache):
     # What a step must do: read every weight once, and the KV cache, which our attention reads whole
     # (prompt and budget bucketed); multiply the batch by every projection and the output embedding.
     head_dim = config.hidden_size // config.num_attention_heads
-    cache_len = bucket(prompt_len) + bucket(new_tokens)
+    cache_len = cache_length(prompt_len, new_tokens)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     matmul_params = n_params - config.vocab_size * config.hidden_size * (not config.tie_word_embeddings)
     kv_bytes = 2 * config.num_hidden_layers * batch * cache_len * config.num_key_value_heads * head_dim * 4

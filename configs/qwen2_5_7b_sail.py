@@ -5,15 +5,11 @@
     sail-jax --config=configs/qwen2_5_7b_sail.py:ultrafeedback,sail_pp --workdir=runs/qwen2_5_7b \\
         --config.reward.path=models/REWARD_MODEL --config.checkpoint.dir=gs://BUCKET/qwen2_5_7b
 
-After ':' the dataset (ultrafeedback | pku_saferlhf | hh_rlhf, built with sail_jax.data.tfds_builders
-into config.data.tfds_dir) and optionally a variant of sail_jax.configs.VARIANTS. reward.path is the
-reward model (an HF *ForSequenceClassification folder, e.g. trained with configs/reward.py): the
-evaluation scores with it, and SAIL-PR labels with it.
+After ':' the dataset and optionally the variant: see sail_jax.configs.preset_config.
 """
 
 from sail_jax.configs import preset_config
 
 
-def get_config(arg: str = "ultrafeedback"):
-    dataset, _, variant = arg.partition(",")
-    return preset_config("qwen2_5_7b", dataset or "ultrafeedback", variant or "sail_pp")
+def get_config(arg: str = ""):
+    return preset_config("qwen2_5_7b", arg)

@@ -12,6 +12,13 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 
+def model_options(model: ml_collections.ConfigDict) -> dict[str, str]:
+    """``config.model``'s compute dtype, storage dtype and remat policy (the run's choices, not the
+    checkpoint's), as ``load_pretrained`` and ``read_config`` take them."""
+    return dict(dtype=model.dtype, param_dtype=model.get("param_dtype") or model.dtype,
+                remat=model.get("remat", "none"))
+
+
 def base_config(recipe: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.recipe = recipe
@@ -170,11 +177,20 @@ PRESETS = {
 PRESET_DATASETS = {"ultrafeedback": "ultrafeedback", "pku_saferlhf": "pku_safe_rlhf", "hh_rlhf": "hh_rlhf"}
 
 
-def preset_config(model: str, dataset: str = "ultrafeedback", variant: str = "sail_pp") -> ml_collections.ConfigDict:
+def preset_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
     """SAIL on a public instruct model and one of the paper's preference sets (TFDS), with the paper's
     β = 0.1 and RMSprop. The paper tuned lr 1e-5 for LoRA; we train all parameters (no LoRA yet), so
     the presets use the 5e-7 to 1e-6 typical of full-parameter DPO. bf16 compute, float32 weights and
-    optimizer state, FSDP over every device, remat per decoder layer."""
+    optimizer state, FSDP over every device, remat per decoder layer.
+
+    ``arg`` is what follows ':' in ``--config=configs/<model>_sail.py:<dataset>[,<variant>]``: the
+    dataset (ultrafeedback | pku_saferlhf | hh_rlhf, built with sail_jax.data.tfds_builders into
+    config.data.tfds_dir; default ultrafeedback) and a variant of VARIANTS (default sail_pp).
+    reward.path is the reward model (an HF *ForSequenceClassification folder, e.g. trained with
+    configs/reward.py): the evaluation scores with it, and SAIL-PR labels with it.
+    """
+    dataset, _, variant = arg.partition(",")
+    dataset, variant = dataset or "ultrafeedback", variant or "sail_pp"
     if model not in PRESETS:
         raise ValueError(f"unknown preset model {model!r}; valid: {sorted(PRESETS)}")
     if dataset not in PRESET_DATASETS:

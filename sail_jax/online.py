@@ -16,7 +16,6 @@ boundaries, so a resumed run repeats an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax

@@ -1,6 +1,6 @@
 """Memory planner: what each device will hold for a config's run on a target slice, before renting it.
 
-    sail-jax plan --config=configs/presets/qwen2_5_7b_sail.py [--target=v5e-32] [--config.model.remat=full]
+    sail-jax plan --config=configs/qwen2_5_7b_sail.py [--target=v5e-32] [--config.model.remat=full]
 
 Per device, for the config's model (its folder's ``config.json``, or ``model.hub_id``), dtypes,
 remat policy, mesh and batch shapes:
@@ -29,14 +29,13 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sail_jax.models import ModelConfig, build_model
-from sail_jax.sampling import bucket
+from sail_jax.models import ModelConfig, build_model, init_cache
+from sail_jax.sampling import cache_length
 from sail_jax.sharding import AXES, opt_state_shardings, param_shardings, resolve_axis_sizes
 
 GIB = 1024**3
@@ -82,8 +81,10 @@ def model_config_of(config) -> ModelConfig:
     from sail_jax.models.hf import read_config
     from sail_jax.models.known import known_config
 
+    from sail_jax.configs import model_options
+
     m = config.model
-    options = dict(dtype=m.dtype, param_dtype=m.get("param_dtype") or m.dtype, remat=m.get("remat", "none"))
+    options = model_options(m)
     if m.path and os.path.exists(os.path.join(m.path, "config.json")):
         return read_config(m.path, **options)
     if m.get("hub_id"):
@@ -267,10 +268,10 @@ def labelling_bytes(config, model_config: ModelConfig, rows: int) -> int:
 
 def kv_cache_bytes(config, model_config: ModelConfig, rows: int, tensor: int) -> int:
     """The sampler's cache for ``rows`` sequences on one device (prompt and budget bucketed as it does)."""
-    length = bucket(int(config.data.max_prompt_length)) + bucket(int(config.generation.max_new_tokens))
+    length = cache_length(int(config.data.max_prompt_length), int(config.generation.max_new_tokens))
     kv = model_config.num_kv_heads // tensor if model_config.num_kv_heads % tensor == 0 else model_config.num_kv_heads
-    per_layer = 2 * _nbytes((rows, length, kv, model_config.head_dim), model_config.compute_dtype)
-    return model_config.num_layers * per_layer + _nbytes((rows, length), jnp.bool_)
+    cache = jax.eval_shape(lambda: init_cache(model_config.replace(num_kv_heads=kv), rows, length))
+    return sum(_nbytes(x.shape, x.dtype) for x in jax.tree.leaves(cache))
 
 
 def fsdp_gather_bytes(params, mesh_sizes: dict[str, int], model_config: ModelConfig) -> int:

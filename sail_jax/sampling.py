@@ -51,6 +51,11 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def cache_length(prompt_length: int, max_new_tokens: int) -> int:
+    """Slots of the KV cache ``generate`` decodes into: the bucketed prompt and the bucketed budget."""
+    return bucket(prompt_length) + bucket(max_new_tokens)
+
+
 def filter_logits(logits: jax.Array, temperature, top_k: int, use_top_p: bool, top_p) -> jax.Array:
     """The sampling distribution's logits: ``logits / T``, then top-k, then nucleus (top-p) filtering.
 
@@ -205,7 +210,7 @@ def generate(
     budget = bucket(max_new_tokens)
     graphdef, state = nnx.split(model)
     last, cache = _prefill(graphdef, state, prompt_ids, prompt_mask, num_samples=num_samples,
-                           cache_len=length + budget)
+                           cache_len=cache_length(length, max_new_tokens))
     out, _ = _decode(graphdef, state, cache, last, key, jnp.int32(max_new_tokens),
                   jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos, jnp.int32(pad_id),
                   budget=budget, greedy=temperature == 0, top_k=top_k, use_top_p=top_p < 1.0)

@@ -42,13 +42,13 @@ def validate_mesh_and_batches(config, *batch_keys: str) -> tuple[int, ...]:
 
 def validate_model_options(model) -> None:
     """Compute/storage dtypes and the remat policy (they are not part of the checkpoint's config.json)."""
+    from sail_jax.configs import model_options
     from sail_jax.models.config import DTYPES, REMAT
 
-    _require(model.dtype in DTYPES, f"config.model.dtype={model.dtype!r} is unknown; valid: {sorted(DTYPES)}")
-    param_dtype = model.get("param_dtype") or model.dtype
-    _require(param_dtype in DTYPES, f"config.model.param_dtype={param_dtype!r} is unknown; valid: {sorted(DTYPES)}")
-    remat = model.get("remat", "none")
-    _require(remat in REMAT, f"config.model.remat={remat!r} is unknown; valid: {list(REMAT)}")
+    options = model_options(model)
+    for name in ("dtype", "param_dtype"):
+        _require(options[name] in DTYPES, f"config.model.{name}={options[name]!r} is unknown; valid: {sorted(DTYPES)}")
+    _require(options["remat"] in REMAT, f"config.model.remat={options['remat']!r} is unknown; valid: {list(REMAT)}")
 
 
 def validate_optim(optim) -> None:

@@ -21,11 +21,12 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from sail_jax.configs import model_options
 from sail_jax.data.pipeline import Encoded, encode_preference, encode_sft, eval_batches, load_records, train_iterator
 from sail_jax.models import load_pretrained, save_pretrained
 from sail_jax.objectives import make_dpo_objective, reference_logps, reward_objective, sft_objective
 from sail_jax.optim import make_optimizer
-from sail_jax.sharding import data_parallel_size, make_mesh, shard_batch, sharding_fn
+from sail_jax.sharding import make_mesh, shard_batch, sharding_fn
 from sail_jax.tokenization import Tokenizer
 from sail_jax.train import (Checkpoints, MetricLogger, abstract_like, checkpoint_dir, create_train_state, frozen_copy,
                             make_eval_step, make_train_step, mean_metrics)
@@ -100,10 +101,8 @@ def run(config, workdir: str) -> dict[str, float]:
     train_data = _encode(config, recipe, tokenizer, "train")
     eval_data = _encode(config, recipe, tokenizer, "eval") if _has_eval(config) else None
 
-    dtype = jnp.dtype(config.model.dtype)
-    model = load_pretrained(config.model.path, dtype, param_dtype=config.model.get("param_dtype") or None,
-                            shardings=sharding_fn(mesh), task=recipe.model_task, head_seed=config.seed,
-                            remat=config.model.get("remat", "none"))
+    model = load_pretrained(config.model.path, **model_options(config.model), shardings=sharding_fn(mesh),
+                            task=recipe.model_task, head_seed=config.seed)
     tx = make_optimizer(config.optim, config.steps)
     graphdef, state, shardings = create_train_state(model, tx, mesh)
     del model

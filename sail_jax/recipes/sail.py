@@ -13,10 +13,10 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from sail_jax.configs import model_options
 from sail_jax.data import builtin_task, ifeval_task
 from sail_jax.data.pipeline import encode_online, load_records, train_iterator
 from sail_jax.models import build_model, load_pretrained, save_pretrained
@@ -181,8 +181,7 @@ def run(config, workdir: str) -> dict:
                                        max_response_length=d.max_response_length, on_error=d.get("on_error", "raise"),
                                        prompts_only=kind == "prompt")
     eval_prompts = [records["eval"].rows[i]["prompt"] for i in encoded["eval"].arrays["index"]]
-    model = load_pretrained(config.model.path, jnp.dtype(config.model.dtype), shardings=sharding_fn(mesh),
-                            param_dtype=config.model.get("param_dtype") or None, remat=config.model.get("remat", "none"))
+    model = load_pretrained(config.model.path, **model_options(config.model), shardings=sharding_fn(mesh))
     reward_source = make_reward_source(config.reward)
     loop = OnlineLoop(
         config, model=model, tokenizer=tokenizer, mesh=mesh, workdir=workdir,
