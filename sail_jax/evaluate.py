@@ -4,6 +4,7 @@
   score       the same before the penalty (for the IFEval-style task: the constraint satisfaction rate)
   win_rate    P(policy sample beats the reference's sample for the same prompt), ties count half
   kl          KL(π‖π_ref) estimated on policy samples at temperature 1: mean of log π(y) − log π_ref(y)
+  distinct_2  per-response distinct-2 of the policy samples (degenerate repetition drives it down)
   heldout/*   implicit-reward margin and accuracy on held-out preference pairs (TRL names), when
               the held-out set has pairs
 
@@ -41,6 +42,34 @@ def make_logp_fn(graphdef, mesh=None):
         return np.asarray(to_host(fn(params, *(global_array(x, sharding) for x in rows))))
 
     return logp
+
+
+# What "healthy" means for the built-in task's main job (tests and the study read these): the oracle
+# reward well above SFT's ≈ 0, the policy near its reference, and text that does not loop.
+HEALTH_BOUNDS = {"reward": (0.5, None), "kl": (None, 5.0), "distinct_2": (0.95, None)}
+
+
+def health_problems(metrics: dict, bounds: dict = HEALTH_BOUNDS) -> list[str]:
+    """The bounds an evaluation breaks, as readable strings (empty: healthy)."""
+    problems = []
+    for key, (low, high) in bounds.items():
+        if low is not None and not metrics[key] >= low:
+            problems.append(f"{key} {metrics[key]:.3f} < {low}")
+        if high is not None and not metrics[key] <= high:
+            problems.append(f"{key} {metrics[key]:.3f} > {high}")
+    return problems
+
+
+def distinct_n(tokens: np.ndarray, mask: np.ndarray, n: int = 2) -> float:
+    """Mean over responses of (distinct n-grams / n-grams) among each response's tokens: 1 for text that
+    never repeats itself, falling as it loops ("feels feels looks feels looks ..." scores 0.5).
+    Responses shorter than n tokens count as 1."""
+    scores = []
+    for row, m in zip(np.asarray(tokens), np.asarray(mask).astype(bool)):
+        t = row[m].tolist()
+        grams = [tuple(t[i:i + n]) for i in range(len(t) - n + 1)]
+        scores.append(len(set(grams)) / len(grams) if grams else 1.0)
+    return float(np.mean(scores)) if scores else 1.0
 
 
 def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -102,6 +131,7 @@ class Evaluator:
             "kl": float(np.mean(pol["logp"] - pol["ref_logp"])),
             "response_length": float(np.mean(pol["mask"].sum(1))),
             "finished": float(np.mean(pol["finished"])),
+            "distinct_2": distinct_n(pol["tokens"], pol["mask"], 2),
         }
         if self.has_pairs:
             metrics.update(self._heldout_pairs(params))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sail_jax.losses import ROUTE_DP, ROUTE_OFFLINE, ROUTE_PP, ROUTE_PR
+from sail_jax.sail_terms import ROUTE_DP, ROUTE_OFFLINE, ROUTE_PP, ROUTE_PR
 
 PAIR_SELECTION = ("first_two", "max_min", "random")
 LABEL_MODES = ("sample", "argmax")

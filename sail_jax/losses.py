@@ -1,7 +1,8 @@
-"""Preference losses (TRL's family, by name) and SAIL's per-route objective. Pure, jit-able, float32.
+"""Preference losses (TRL's family, by name) and their metrics. Pure, jit-able, float32.
 
 All functions take per-sequence log-probs ``[batch]`` (sums over response tokens) of the policy and
-the reference and return per-example values; the caller averages. Notation follows ../SAIL.md:
+the reference and return per-example values; the caller averages. SAIL's per-route objective, built
+on these, is ``sail_jax.sail_terms``. Notation follows ../SAIL.md:
 ``h = (logπ(y_w) − logπ_ref(y_w)) − (logπ(y_l) − logπ_ref(y_l))`` and ``ℓ = log σ(β·h)``.
 """
 
@@ -13,11 +14,6 @@ import chex
 import jax
 import jax.numpy as jnp
 
-ROUTE_OFFLINE, ROUTE_DP, ROUTE_PP, ROUTE_PR = 0, 1, 2, 3
-ROUTE_NAMES = ("offline", "dp", "pp", "pr")
-NUM_ROUTES = len(ROUTE_NAMES)
-BASELINES = ("none", "batch_mean", "running")
-SCORE_TERMS = ("unbiased", "released_code")
 _EXTRA_ARGS = {"discopop_tau": 0.05, "bco_delta": 0.0}
 
 log_sigmoid = jax.nn.log_sigmoid
@@ -147,17 +143,19 @@ LOSS_TYPES: dict[str, LossFn] = {
 }
 
 
-def _f32(x):
+def as_float32(x):
     return None if x is None else jnp.asarray(x, jnp.float32)
 
 
-def _pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths):
-    chosen_logps, rejected_logps = _f32(chosen_logps), _f32(rejected_logps)
+def pair_of(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths):
+    """The float32 ``Pair`` of these log-probs (``ref_*=None``: reference-free)."""
+    chosen_logps, rejected_logps = as_float32(chosen_logps), as_float32(rejected_logps)
     # Reference-free mode: no reference model means log π_ref = 0.
-    ref_c = jnp.zeros_like(chosen_logps) if ref_chosen_logps is None else _f32(ref_chosen_logps)
-    ref_r = jnp.zeros_like(rejected_logps) if ref_rejected_logps is None else _f32(ref_rejected_logps)
+    ref_c = jnp.zeros_like(chosen_logps) if ref_chosen_logps is None else as_float32(ref_chosen_logps)
+    ref_r = jnp.zeros_like(rejected_logps) if ref_rejected_logps is None else as_float32(ref_rejected_logps)
     return Pair(chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_c,
-                ref_rejected_logps=ref_r, chosen_lengths=_f32(chosen_lengths), rejected_lengths=_f32(rejected_lengths))
+                ref_rejected_logps=ref_r, chosen_lengths=as_float32(chosen_lengths),
+                rejected_lengths=as_float32(rejected_lengths))
 
 
 def check_loss_type(loss_type: str) -> None:
@@ -187,7 +185,7 @@ def preference_loss(
     unknown = sorted(set(extra) - set(_EXTRA_ARGS))
     if unknown:
         raise TypeError(f"unknown preference_loss arguments {unknown}; valid extras: {sorted(_EXTRA_ARGS)}")
-    pair = _pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths)
+    pair = pair_of(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths)
     return LOSS_TYPES[loss_type](pair, jnp.float32(beta), jnp.float32(label_smoothing), {**_EXTRA_ARGS, **extra})
 
 
@@ -201,7 +199,7 @@ def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
 
 def preference_metrics(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, mask=None):
     """TRL-named metrics (``rewards/*`` with implicit reward β·log(π/π_ref), ``logps/*``)."""
-    p = _pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, None, None)
+    p = pair_of(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, None, None)
     chosen_rewards, rejected_rewards = beta * p.chosen_logratios, beta * p.rejected_logratios
     return {
         "rewards/chosen": masked_mean(chosen_rewards, mask),
@@ -211,162 +209,3 @@ def preference_metrics(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejec
         "logps/chosen": masked_mean(p.chosen_logps, mask),
         "logps/rejected": masked_mean(p.rejected_logps, mask),
     }
-
-
-# ------------------------------------------------------------------------------------------ SAIL
-def implicit_log_likelihood(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta):
-    """ℓ = log σ(β·h): the label's log-likelihood under the policy's Bradley–Terry model."""
-    p = _pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, None, None)
-    return log_sigmoid(beta * p.h)
-
-
-@chex.dataclass(frozen=True)
-class RunningBaseline:
-    """Per-route exponential moving average of ℓ, the ``running`` score-function baseline."""
-
-    mean: jax.Array  # [NUM_ROUTES]
-    initialized: jax.Array  # [NUM_ROUTES] bool
-
-    @classmethod
-    def init(cls) -> "RunningBaseline":
-        return cls(mean=jnp.zeros(NUM_ROUTES, jnp.float32), initialized=jnp.zeros(NUM_ROUTES, jnp.bool_))
-
-
-def _route_one_hot(route, mask):
-    valid = jnp.ones(route.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    return jax.nn.one_hot(route, NUM_ROUTES, dtype=jnp.float32) * valid[:, None]  # [batch, routes]
-
-
-def update_running_baseline(state: RunningBaseline, ell, route, mask=None, *, decay: float = 0.9) -> RunningBaseline:
-    """Fold this batch's per-route mean of ℓ into the moving average (first batch initialises it)."""
-    one_hot = _route_one_hot(route, mask)
-    count = one_hot.sum(0)
-    batch_mean = (one_hot * jax.lax.stop_gradient(_f32(ell))[:, None]).sum(0) / jnp.maximum(count, 1.0)
-    seen = count > 0
-    blended = jnp.where(state.initialized, decay * state.mean + (1.0 - decay) * batch_mean, batch_mean)
-    return RunningBaseline(mean=jnp.where(seen, blended, state.mean), initialized=state.initialized | seen)
-
-
-def _baseline(kind, ell, route, mask, state):
-    """Per-example baseline b_i, independent of example i's own sample."""
-    if kind == "none":
-        return jnp.zeros_like(ell)
-    if kind == "batch_mean":
-        one_hot = _route_one_hot(route, mask)  # masked examples are all-zero rows
-        totals, counts = (one_hot * ell[:, None]).sum(0), one_hot.sum(0)
-        own = jax.nn.one_hot(route, NUM_ROUTES, dtype=jnp.float32)
-        valid = one_hot.sum(1)
-        total_i = own @ totals - valid * ell  # leave example i out
-        others = own @ counts - valid
-        return jnp.where(others > 0, total_i / jnp.maximum(others, 1.0), 0.0)
-    if state is None:
-        raise ValueError("baseline='running' needs baseline_state (see RunningBaseline.init)")
-    return jnp.where(state.initialized, state.mean, 0.0)[route]
-
-
-def _safe_logp(logp):
-    return jnp.minimum(logp, -1e-6)  # log-probs are ≤ 0; keeps ℓ/logπ finite at logπ = 0
-
-
-@jax.custom_vjp
-def _released_code_score(logp, ell):
-    """Value 0; its derivative w.r.t. ``logp`` is ``ℓ/logπ`` (where S's is ``ℓ − b``), as the
-    released SAIL code weights ∇logπ(y) "as if logπ were a probability"."""
-    return jnp.zeros_like(logp)
-
-
-def _released_fwd(logp, ell):
-    return jnp.zeros_like(logp), (logp, ell)
-
-
-def _released_bwd(res, g):
-    logp, ell = res
-    return g * ell / _safe_logp(logp), jnp.zeros_like(ell)
-
-
-_released_code_score.defvjp(_released_fwd, _released_bwd)
-
-
-def sail_loss(
-    chosen_logps: jax.Array,
-    rejected_logps: jax.Array,
-    ref_chosen_logps: jax.Array | None,
-    ref_rejected_logps: jax.Array | None,
-    route: jax.Array,
-    *,
-    beta: float,
-    rho: float,
-    lam: float,
-    gamma: float,
-    baseline: str = "batch_mean",
-    score_term: str = "unbiased",
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    score_chosen_logps: jax.Array | None = None,
-    score_rejected_logps: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    baseline_state: RunningBaseline | None = None,
-    chosen_lengths: jax.Array | None = None,
-    rejected_lengths: jax.Array | None = None,
-    **extra,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-example SAIL loss ``[batch]`` (zero where ``mask`` is false) and scalar metrics.
-
-    Per route (``route [batch]`` of ``ROUTE_*``), exactly ../SAIL.md's table:
-      offline: ``preference_loss(loss_type)``;  DP: ``−ℓ − ρ·½ℓ²``;
-      PP: ``−ℓ − λ·½ℓ² − λ·S``;  PR: ``−ℓ − γ·S``;
-    with ``S = sg(ℓ − b)·(logπ(y_w) + logπ(y_l))`` on ``score_*_logps`` when given (e.g. at the
-    sampling temperature). ``score_term="released_code"`` replaces S by the released code's gradient
-    (``−coef·sg(ℓ)/sg(logπ(y))`` added to each ∂/∂logπ(y)); a compatibility mode, not the estimator.
-    """
-    check_loss_type(loss_type)
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; valid: {list(BASELINES)}")
-    if score_term not in SCORE_TERMS:
-        raise ValueError(f"unknown score_term {score_term!r}; valid: {list(SCORE_TERMS)}")
-    p = _pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths)
-    route = jnp.asarray(route, jnp.int32)
-    ell = log_sigmoid(beta * p.h)
-    score_c = p.chosen_logps if score_chosen_logps is None else _f32(score_chosen_logps)
-    score_r = p.rejected_logps if score_rejected_logps is None else _f32(score_rejected_logps)
-
-    half_sq = 0.5 * ell**2
-    is_pp, is_pr = route == ROUTE_PP, route == ROUTE_PR
-    score_coef = jnp.where(is_pp, lam, jnp.where(is_pr, gamma, 0.0)).astype(jnp.float32)
-    if score_term == "unbiased":
-        b = jax.lax.stop_gradient(_baseline(baseline, ell, route, mask, baseline_state))
-        score = jax.lax.stop_gradient(ell - b) * (score_c + score_r)
-        score_weight = jnp.abs(jax.lax.stop_gradient(ell - b))
-    else:
-        b = jnp.zeros_like(ell)
-        sg_ell = jax.lax.stop_gradient(ell)
-        score = _released_code_score(score_c, sg_ell) + _released_code_score(score_r, sg_ell)
-        score_weight = 0.5 * jnp.abs(jax.lax.stop_gradient(
-            sg_ell / _safe_logp(score_c) + sg_ell / _safe_logp(score_r)))
-    offline = preference_loss(
-        loss_type, p.chosen_logps, p.rejected_logps, p.ref_chosen_logps, p.ref_rejected_logps, beta=beta,
-        label_smoothing=label_smoothing, chosen_lengths=p.chosen_lengths, rejected_lengths=p.rejected_lengths,
-        **extra)
-    self_label_coef = jnp.where(route == ROUTE_DP, rho, jnp.where(is_pp, lam, 0.0)).astype(jnp.float32)
-    online = -ell - self_label_coef * half_sq - score_coef * score
-    per_example = jnp.where(route == ROUTE_OFFLINE, offline, online)
-    valid = jnp.ones_like(ell, jnp.bool_) if mask is None else mask.astype(jnp.bool_)
-    per_example = jnp.where(valid, per_example, 0.0)
-
-    metrics = preference_metrics(p.chosen_logps, p.rejected_logps, p.ref_chosen_logps, p.ref_rejected_logps,
-                                 beta=beta, mask=valid)
-    for i, name in enumerate(ROUTE_NAMES):
-        in_route = valid & (route == i)
-        metrics[f"route/{name}_frac"] = masked_mean(in_route.astype(jnp.float32), None)
-        metrics[f"loss/{name}"] = masked_mean(per_example, in_route)
-    sail_routes = valid & (route != ROUTE_OFFLINE)
-    self_labelled = valid & ((route == ROUTE_DP) | is_pp)
-    scored = valid & (is_pp | is_pr)
-    metrics.update({
-        "sail/dpo_term": masked_mean(-ell, sail_routes),
-        "sail/self_label_term": masked_mean(jax.lax.stop_gradient(half_sq), self_labelled),
-        "sail/score_weight": masked_mean(score_weight, scored),
-        "sail/baseline": masked_mean(b, scored),
-        "sail/valid_frac": masked_mean(valid.astype(jnp.float32), None),
-    })
-    return per_example, metrics

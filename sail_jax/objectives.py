@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from sail_jax.logprobs import sequence_logprobs, token_logprobs
-from sail_jax.losses import check_loss_type, masked_mean, preference_loss, preference_metrics, sail_loss
+from sail_jax.losses import check_loss_type, masked_mean, preference_loss, preference_metrics
+from sail_jax.sail_terms import TERMS, sail_terms
 
 REFERENCE_MODES = ("model", "cached", "none")  # live reference forward, precomputed log-probs, reference-free
 
@@ -110,35 +112,91 @@ def response_logps(model, prompt_ids, prompt_mask, response, response_mask, *, t
     return sequence_logprobs(model(ids, mask), ids, loss_mask, temperature=temperature)
 
 
-def make_sail_objective(loss_cfg, sail_cfg, *, score_temperature: float = 1.0):
-    """SAIL's per-route loss (``losses.sail_loss``) on the online batch.
+def sail_batch_logps(model, batch, *, score_temperature: float = 1.0):
+    """One forward pass over the online batch's chosen and rejected rows: ``(logps, score_logps,
+    lengths)``, each ``[2b]`` (chosen rows first); ``score_logps`` at ``score_temperature``."""
+    prompt_ids = jnp.concatenate([batch["prompt_ids"]] * 2, axis=0)
+    prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2, axis=0)
+    response = jnp.concatenate([batch["chosen_response"], batch["rejected_response"]], axis=0)
+    response_mask = jnp.concatenate([batch["chosen_response_mask"], batch["rejected_response_mask"]], axis=0)
+    ids, mask, loss_mask = join_prompt_response(prompt_ids, prompt_mask, response, response_mask)
+    logits = model(ids, mask)
+    logps, lengths = sequence_logprobs(logits, ids, loss_mask)
+    t = float(score_temperature)
+    score = sequence_logprobs(logits, ids, loss_mask, temperature=t)[0] if t != 1.0 else logps
+    return logps, score, lengths
+
+
+def make_sail_objective(loss_cfg, sail_cfg, *, score_temperature: float = 1.0, data_parallel: int = 1,
+                        grad_accum_steps: int = 1):
+    """SAIL's per-route loss (``sail_terms``) on the online batch.
 
     The batch holds, per example: the prompt, the labelled pair's responses (dataset or sampled),
     their reference log-probs (computed when labelling), ``route`` and ``valid`` (false for dropped
     ties). ``frozen["baseline"]`` is the running score-function baseline.
+
+    The released-code mode's hook is scaled to the authors' batch gradient: their trainer adds it to
+    the gradient of the *mean* over each device's micro-batch (not divided by its B rows) and of the
+    loss divided by the accumulation steps (not divided either), and DDP averages devices. Our loss
+    is the mean over the global batch (B x ``data_parallel`` rows; optax.MultiSteps averages the
+    ``grad_accum_steps`` micro-steps), so the hook is multiplied by B x accumulation steps, B = valid
+    rows / ``data_parallel``; ``sail.released_code_scale`` fixes another factor (1: per example).
+
+    Returns ``objective(model, batch, frozen, rng) -> (loss, metrics)``; ``objective.terms(logps,
+    score_logps, lengths, batch, frozen) -> (terms, metrics, n_valid)`` is the loss as a function of
+    the batch's log-probs (for per-term diagnostics).
     """
     beta, t = float(loss_cfg.beta), float(score_temperature)
+    fixed_scale = sail_cfg.get("released_code_scale", None)
 
-    def objective(model, batch, frozen, rng):
-        del rng
+    def terms(logps, score, lengths, batch, frozen):
         b = batch["route"].shape[0]
-        prompt_ids = jnp.concatenate([batch["prompt_ids"]] * 2, axis=0)
-        prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2, axis=0)
-        response = jnp.concatenate([batch["chosen_response"], batch["rejected_response"]], axis=0)
-        response_mask = jnp.concatenate([batch["chosen_response_mask"], batch["rejected_response_mask"]], axis=0)
-        ids, mask, loss_mask = join_prompt_response(prompt_ids, prompt_mask, response, response_mask)
-        logits = model(ids, mask)
-        logps, lengths = sequence_logprobs(logits, ids, loss_mask)
-        score = sequence_logprobs(logits, ids, loss_mask, temperature=t)[0] if t != 1.0 else logps
         valid = batch["valid"]
-        per_example, metrics = sail_loss(
+        n_valid = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+        scale = n_valid * grad_accum_steps / data_parallel if fixed_scale is None else float(fixed_scale)
+        per_term, metrics = sail_terms(
             logps[:b], logps[b:], batch["ref_chosen_logps"], batch["ref_rejected_logps"], batch["route"],
             beta=beta, rho=float(sail_cfg.rho), lam=float(sail_cfg.lam), gamma=float(sail_cfg.gamma),
-            baseline=sail_cfg.baseline, score_term=sail_cfg.score_term, loss_type=loss_cfg.loss_type,
+            lam_score=None if sail_cfg.get("lam_score", None) is None else float(sail_cfg.lam_score), revkl=float(sail_cfg.get("revkl", 0.0)), baseline=sail_cfg.baseline, score_term=sail_cfg.score_term,
+            released_code_scale=scale, loss_type=loss_cfg.loss_type,
             label_smoothing=float(loss_cfg.get("label_smoothing", 0.0)), score_chosen_logps=score[:b],
             score_rejected_logps=score[b:], mask=valid, baseline_state=frozen["baseline"],
             chosen_lengths=lengths[:b], rejected_lengths=lengths[b:])
-        loss = jnp.sum(per_example) / jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
-        return loss, metrics
+        return per_term, metrics, n_valid
 
+    def objective(model, batch, frozen, rng):
+        del rng
+        per_term, metrics, n_valid = terms(*sail_batch_logps(model, batch, score_temperature=t), batch, frozen)
+        return jnp.sum(sum(per_term.values())) / n_valid, metrics
+
+    objective.terms = terms
+    objective.score_temperature = t
     return objective
+
+
+def make_term_gradient_norms(graphdef, objective):
+    """``(params, batch, frozen) -> {grad_norm/<term>, grad_share/<term>}``: the parameter-gradient norm of
+    each SAIL term of the batch loss, and its share of their sum. One forward pass; one backward pass
+    per term (pulled back through the same log-probs), so call it at a logging cadence, not every step."""
+
+    def norms(params, batch, frozen):
+        def forward(p):
+            logps, score, lengths = sail_batch_logps(nnx.merge(graphdef, p), batch,
+                                                     score_temperature=objective.score_temperature)
+            return (logps, score), lengths
+
+        (logps, score), pullback, lengths = jax.vjp(forward, params, has_aux=True)
+
+        def term_mean(logps, score, name):
+            per_term, _, n_valid = objective.terms(logps, score, lengths, batch, frozen)
+            return jnp.sum(per_term[name]) / n_valid
+
+        out = {}
+        for name in TERMS:
+            g_logps, g_score = jax.grad(term_mean, argnums=(0, 1))(logps, score, name)
+            out[f"grad_norm/{name}"] = optax.tree.norm(pullback((g_logps, g_score))[0])
+        total = sum(out.values())
+        out.update({f"grad_share/{name}": out[f"grad_norm/{name}"] / jnp.maximum(total, 1e-12) for name in TERMS})
+        return out
+
+    return norms

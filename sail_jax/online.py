@@ -28,13 +28,14 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from sail_jax.distributed import global_array, to_host
-from sail_jax.evaluate import Evaluator, decode_responses, make_logp_fn
+from sail_jax.evaluate import Evaluator, decode_responses, distinct_n, make_logp_fn
 from sail_jax.labeling import dp_swaps, draw_routes, preference_labels, select_pairs
-from sail_jax.losses import ROUTE_DP, ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood, update_running_baseline
-from sail_jax.objectives import make_sail_objective
+from sail_jax.objectives import make_sail_objective, make_term_gradient_norms
+from sail_jax.sail_terms import (ROUTE_DP, ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood,
+                                 update_running_baseline)
 from sail_jax.optim import make_optimizer
 from sail_jax.sampling import generate
-from sail_jax.sharding import batch_sharding
+from sail_jax.sharding import batch_sharding, data_parallel_size
 from sail_jax.train import (Checkpoints, MetricLogger, abstract_like, checkpoint_dir, create_train_state, frozen_copy,
                             make_train_step)
 
@@ -56,13 +57,14 @@ class Block:
     samples: list[dict[str, np.ndarray]]  # tokens/mask/finished [b*k, T] per batch, prompt-major
     gen_seconds: float
     gen_tokens: int
+    distinct_2: float | None = None  # mean per-response distinct-2 of the samples (degeneration shows here)
 
 
 class OnlineLoop:
     """Owns the train state, the reference, the prompt iterator and the generation buffer."""
 
     def __init__(self, config, *, model, tokenizer, mesh, prompt_iterator, train_prompts, reward_source, evaluator_args,
-                 workdir):
+                 workdir, eval_reward_source=None):
         self.config, self.tokenizer, self.mesh, self.workdir = config, tokenizer, mesh, workdir
         self.sail, self.gen = config.sail, config.generation
         self.beta = float(config.loss.beta)
@@ -74,9 +76,13 @@ class OnlineLoop:
         self.logp = make_logp_fn(self.graphdef, mesh)
         replicated = NamedSharding(mesh, P())
         self.frozen_shardings = {"baseline": replicated}
-        objective = make_sail_objective(config.loss, self.sail, score_temperature=self._score_temperature())
+        objective = make_sail_objective(config.loss, self.sail, score_temperature=self._score_temperature(),
+                                        data_parallel=data_parallel_size(mesh),
+                                        grad_accum_steps=int(config.optim.grad_accum_steps))
         self.train_step = make_train_step(self.graphdef, self.tx, objective, mesh, self.shardings,
                                           self.frozen_shardings, seed=config.seed)
+        self.log_term_grads = bool(self.sail.get("log_term_grads", False))
+        self.term_gradient_norms = jax.jit(make_term_gradient_norms(self.graphdef, objective))
         self.baseline = RunningBaseline.init()
         self.prompts = prompt_iterator
         self.reward_source = reward_source
@@ -84,12 +90,16 @@ class OnlineLoop:
         self.key = jax.random.key(config.seed)
         self.block: Block | None = None
         self.seconds = {"generation": 0.0, "steps": 0.0}  # totals of this process's run, for summaries
-        self.evaluator = Evaluator(self.graphdef, self.ref_params, reward_source=reward_source, tokenizer=tokenizer,
+        self.evaluator = Evaluator(self.graphdef, self.ref_params, reward_source=eval_reward_source or reward_source,
+                                   tokenizer=tokenizer,
                                    gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
                                    missing_eos_penalty=float(config.reward.missing_eos_penalty), mesh=mesh,
                                    **evaluator_args)
 
     def _score_temperature(self) -> float:
+        """S's (and RevKL's) log-probs follow the sampling temperature; the released code used temperature 1."""
+        if self.sail.score_term == "released_code":
+            return 1.0
         t = self.sail.get("score_temperature", None)
         return float(self.gen.temperature if t is None else t)
 
@@ -116,7 +126,8 @@ class OnlineLoop:
                 seconds += time.time() - t0
                 tokens += int(s["mask"].sum())
                 samples.append(s)
-        return Block(step, batches, samples, seconds, tokens)
+        distinct = float(np.mean([distinct_n(s["tokens"], s["mask"], 2) for s in samples])) if samples else None
+        return Block(step, batches, samples, seconds, tokens, distinct)
 
     # ------------------------------------------------------------------ labelling
     def label(self, step: int, batch: dict, samples: dict | None) -> tuple[dict, dict]:
@@ -207,7 +218,10 @@ class OnlineLoop:
         # places its own rows of it.
         sharding = batch_sharding(self.mesh)
         placed = {k: global_array(v, sharding) for k, v in train_batch.items()}
-        self.state, step_metrics = self.train_step(self.state, placed, {"baseline": self.baseline_for_step})
+        frozen = {"baseline": self.baseline_for_step}
+        if self.log_term_grads and (step + 1) % int(self.config.log_every) == 0:  # before the step donates the state
+            metrics.update(self.term_gradient_norms(self.state.params, placed, frozen))
+        self.state, step_metrics = self.train_step(self.state, placed, frozen)
         self._maybe_sync_reference(step + 1)
         elapsed = time.time() - t0
         gen_share = self.block.gen_seconds if step % self.block_len == 0 else 0.0
@@ -217,6 +231,8 @@ class OnlineLoop:
                         "gen/time_share": gen_share / elapsed if elapsed else 0.0})
         if self.block.gen_seconds:
             metrics["gen/tokens_per_second"] = self.block.gen_tokens / self.block.gen_seconds
+        if self.block.distinct_2 is not None:
+            metrics["gen/distinct_2"] = self.block.distinct_2
         return {**metrics, **step_metrics}
 
     def _update_running_baseline(self, batch):

@@ -181,7 +181,7 @@ def _objective(config, graphdef):
 
 def _frozen(config, params):
     if config.recipe == "sail":
-        from sail_jax.losses import RunningBaseline
+        from sail_jax.sail_terms import RunningBaseline
 
         return {"baseline": jax.eval_shape(RunningBaseline.init)}
     return {"reference": params} if _reference_is_live(config) else {}

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -75,3 +76,13 @@ def make_reward_source(cfg):
             raise ValueError("config.reward.path is empty: point it at a reward-model folder (kind=model)")
         return ModelReward(cfg.path)
     raise ValueError(f"config.reward.kind={cfg.kind!r} is unknown; valid: {list(REWARD_KINDS)}")
+
+
+def make_eval_reward_source(cfg):
+    """The evaluation's reward source when it differs from the labels' (``reward.eval_kind``, and
+    ``reward.eval_path`` for a model): e.g. PR labelled by a trained proxy reward model, scored by the
+    task's gold oracle (over-optimisation studies). None: evaluate with the labelling source."""
+    kind = cfg.get("eval_kind", "")
+    if not kind:
+        return None
+    return make_reward_source(ml_collections.ConfigDict({"kind": kind, "path": cfg.get("eval_path", "")}))

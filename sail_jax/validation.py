@@ -98,7 +98,7 @@ def validate_training_config(config) -> None:
 def validate_online_config(config) -> None:
     """The online loop's config (../shared/SAIL.md): routes, coefficients, sampling and the buffer."""
     from sail_jax.labeling import LABEL_MODES, PAIR_SELECTION
-    from sail_jax.losses import BASELINES, SCORE_TERMS
+    from sail_jax.sail_terms import BASELINES, SCORE_TERMS
     from sail_jax.rewards import REWARD_KINDS
 
     _validate_run(config)
@@ -107,8 +107,13 @@ def validate_online_config(config) -> None:
     probs = {k: float(s[k]) for k in ("p_dp", "p_pp", "p_pr")}
     _require(all(p >= 0 for p in probs.values()) and sum(probs.values()) <= 1 + 1e-9,
              f"config.sail: route probabilities {probs} must be >= 0 and sum to <= 1 (the rest is offline DPO)")
-    for key in ("rho", "lam", "gamma"):
+    for key in ("rho", "lam", "gamma", "revkl"):
         _require(float(s[key]) >= 0, f"config.sail.{key}={s[key]!r} must be >= 0")
+    _require(s.get("lam_score", None) is None or float(s.lam_score) >= 0,
+             f"config.sail.lam_score={s.get('lam_score')!r} must be >= 0 (unset: sail.lam)")
+    scale = s.get("released_code_scale", None)
+    _require(scale is None or float(scale) > 0,
+             f"config.sail.released_code_scale={scale!r} must be > 0 (unset: rows per device x accumulation steps)")
     _require(int(s.num_samples) >= 2, f"config.sail.num_samples={s.num_samples} must be >= 2 (a pair per prompt)")
     _require(s.pair_selection in PAIR_SELECTION,
              f"config.sail.pair_selection={s.pair_selection!r} is unknown; valid: {list(PAIR_SELECTION)}")
@@ -122,6 +127,12 @@ def validate_online_config(config) -> None:
              "pairs) or 'prompt' (held-out prompts only)")
     _require(config.reward.kind in REWARD_KINDS,
              f"config.reward.kind={config.reward.kind!r} is unknown; valid: {list(REWARD_KINDS)}")
+    eval_kind = config.reward.get("eval_kind", "")
+    _require(eval_kind in ("", *REWARD_KINDS),
+             f"config.reward.eval_kind={eval_kind!r} is unknown; valid: '' (the labels' source) or {list(REWARD_KINDS)}")
+    for kind, path in ((config.reward.kind, "path"), (eval_kind, "eval_path")):
+        _require(kind != "model" or bool(config.reward.get(path, "")),
+                 f"config.reward.{path} is empty: reward kind 'model' needs a reward-model folder")
     _require(float(g.temperature) > 0, f"config.generation.temperature={g.temperature} must be > 0 for sampling")
     _require(int(g.max_new_tokens) <= int(config.data.max_response_length),
              f"config.generation.max_new_tokens={g.max_new_tokens} exceeds data.max_response_length="

@@ -22,7 +22,7 @@ from sail_jax.data.pipeline import encode_online, load_records, train_iterator
 from sail_jax.models import build_model, load_pretrained, save_pretrained
 from sail_jax.evaluate import decode_responses
 from sail_jax.online import OnlineLoop
-from sail_jax.rewards import make_reward_source
+from sail_jax.rewards import make_eval_reward_source, make_reward_source
 from sail_jax.sampling import generate
 from sail_jax.sharding import make_mesh, sharding_fn
 from sail_jax.tokenization import Tokenizer, pad_left, train_bpe_tokenizer
@@ -183,17 +183,19 @@ def run(config, workdir: str) -> dict:
     eval_prompts = [records["eval"].rows[i]["prompt"] for i in encoded["eval"].arrays["index"]]
     model = load_pretrained(config.model.path, **model_options(config.model), shardings=sharding_fn(mesh))
     reward_source = make_reward_source(config.reward)
+    eval_reward_source = make_eval_reward_source(config.reward)
     loop = OnlineLoop(
         config, model=model, tokenizer=tokenizer, mesh=mesh, workdir=workdir,
         # The whole global batch on every process: labelling is replicated, each process trains on its rows.
         prompt_iterator=train_iterator(encoded["train"].arrays, config.batch_size, seed=config.seed),
         train_prompts=[r["prompt"] for r in records["train"].rows], reward_source=reward_source,
+        eval_reward_source=eval_reward_source,
         evaluator_args={"prompts": eval_prompts, "eval_arrays": encoded["eval"].arrays,
                         "batch_size": config.eval_batch_size})
     initial, final = loop.run()
     summary = {"variant": config.get("variant", ""), "steps": config.steps,
-               "reference": {k: initial[k] for k in ("reward", "score", "finished", "win_rate", "kl")},
-               "final": {k: final[k] for k in ("reward", "score", "finished", "win_rate", "kl",
+               "reference": {k: initial[k] for k in ("reward", "score", "finished", "win_rate", "kl", "distinct_2")},
+               "final": {k: final[k] for k in ("reward", "score", "finished", "win_rate", "kl", "distinct_2",
                                                "heldout/rewards/accuracies") if k in final},
                "train_seconds": loop.seconds["steps"],
                "generation_share": loop.seconds["generation"] / max(loop.seconds["steps"], 1e-9)}
@@ -202,19 +204,22 @@ def run(config, workdir: str) -> dict:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         _plot(workdir)
-        _print_summary(summary, loop.evaluator.sample_table(), builtin)
+        print("\n" + summary_text(summary, loop.evaluator.sample_table(), builtin))
     return summary
 
 
-def _print_summary(summary, samples, builtin: bool):
+def summary_text(summary, samples, builtin: bool) -> str:
+    """The block the main job prints (and README quotes): reference vs final policy, then samples."""
     name = summary["variant"] or "policy"
     rows = [("SFT / reference", summary["reference"]), (f"{name} (final)", summary["final"])]
-    print(f"\n{'':<22} {'reward':>8} {'win rate vs SFT':>16} {'KL(π‖π_ref)':>12}")
+    lines = [f"{'':<24} {'reward':>7} {'win rate vs SFT':>16} {'KL(π‖π_ref)':>12} {'distinct-2':>11}"]
     for label, m in rows:
-        print(f"{label:<22} {m['reward']:>8.3f} {m['win_rate']:>16.3f} {m['kl']:>12.3f}")
-    print("\nsamples (reference → policy, with " + ("oracle" if builtin else "reward") + " scores):")
+        lines.append(f"{label:<24} {m['reward']:>7.3f} {m['win_rate']:>16.3f} {m['kl']:>12.3f} "
+                     f"{m['distinct_2']:>11.3f}")
+    lines += ["", "samples (reference → policy, with " + ("oracle" if builtin else "reward") + " scores):"]
     for prompt, ref, r_ref, pol, r_pol in samples:
-        print(f"  {prompt!s:<32} {ref!r} ({r_ref:+.2f}) → {pol!r} ({r_pol:+.2f})")
+        lines.append(f"  {prompt!s:<32} {ref!r} ({r_ref:+.2f}) → {pol!r} ({r_pol:+.2f})")
+    return "\n".join(lines)
 
 
 def _plot(workdir: str):
