@@ -1,6 +1,7 @@
-"""The online loop, variant `sail_pp` (see sail_jax.configs.VARIANTS and ../shared/SAIL.md).
+"""The main job: the self-labelled route, SAIL-PP with SAIL-RevKL (variant `sail_pp_revkl`, see
+sail_jax.configs.VARIANTS and ../shared/SAIL.md). The paper's plain SAIL-PP is configs/sail_pp_plain.py.
 
-    sail-jax --config=configs/sail_pp.py --workdir=runs/sail_pp
+    sail-jax --config=configs/sail_pp.py --workdir=runs/sail
 
 With no model.path this runs the built-in task end to end on CPU.
 """
@@ -9,4 +10,4 @@ from sail_jax.configs import sail_config
 
 
 def get_config():
-    return sail_config("sail_pp")
+    return sail_config("sail_pp_revkl")

@@ -1,28 +1,30 @@
-"""Variants x seeds of the online loop, run resumably and summarised as a table, a CSV and a plot.
+"""Variants x seeds of the online loop, run resumably and summarised as a table, a CSV and a plot, and
+paired comparisons of two arms over the same seeds.
 
 Shared by the experiments in ``experiments/``: every run of a sweep starts from the same task files
-(built once in ``OUT/task``) and takes the same number of updates with the same batch size.
+(built once in ``OUT/task``) and takes the same number of updates with the same batch size; seed s of
+every arm draws the same prompts, so arms can be compared seed by seed.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import json
+import multiprocessing
 import os
 import time
 from typing import Callable
 
 import numpy as np
-
-# Student-t 97.5% quantiles for n - 1 degrees of freedom.
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
+from scipy import stats
 
 def mean_ci(values):
+    """Mean and the half-width of its 95% confidence interval (Student t; nan for one value)."""
     values = np.asarray(values, np.float64)
     if len(values) < 2:
         return float(values.mean()), float("nan")
-    return float(values.mean()), _T975[len(values) - 1] * float(values.std(ddof=1)) / np.sqrt(len(values))
+    return float(values.mean()), float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
 
 
 def run_one(make_config: Callable, variant: str, seed: int, out: str, **overrides) -> dict:
@@ -47,9 +49,39 @@ def run_one(make_config: Callable, variant: str, seed: int, out: str, **override
     return summary
 
 
-def sweep(make_config: Callable, variants, seeds: int, out: str, **overrides) -> dict[str, list[dict]]:
+def sweep(make_config: Callable, variants, seeds: int, out: str, *, jobs: int = 1, **overrides) -> dict[str, list[dict]]:
+    """Every variant at seeds 0..seeds-1. ``jobs`` > 1 runs that many at once in fresh processes
+    (``make_config`` must then be picklable: a module-level function or a partial of one); the shared
+    task files are built first, by one run."""
     os.makedirs(out, exist_ok=True)
-    return {v: [run_one(make_config, v, s, out, **overrides) for s in range(seeds)] for v in variants}
+    runs = [(v, s) for v in variants for s in range(seeds)]
+    if jobs <= 1 or len(runs) <= 1:
+        done = {r: run_one(make_config, *r, out, **overrides) for r in runs}
+    else:
+        done = {runs[0]: run_one(make_config, *runs[0], out, **overrides)}  # builds OUT/task once
+        context = multiprocessing.get_context("spawn")  # jax does not survive fork
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {r: pool.submit(run_one, make_config, *r, out, **overrides) for r in runs[1:]}
+            done.update({r: f.result() for r, f in futures.items()})
+    return {v: [done[(v, s)] for s in range(seeds)] for v in variants}
+
+
+def final_value(run: dict, key: str) -> float:
+    return run["final"][key] if key in run["final"] else run[key]
+
+
+def paired_contrast(baseline: list[dict], treatment: list[dict], key: str, *, higher_is_better: bool = True) -> dict:
+    """Treatment minus baseline on ``key``, seed by seed: mean difference, its 95% CI (Student t), the
+    paired t-test's two-sided p-value, and a verdict: "helps" / "hurts" when the CI excludes 0, else
+    "no detectable difference"."""
+    diff = np.array([final_value(t, key) - final_value(b, key) for b, t in zip(baseline, treatment)])
+    mean, half = mean_ci(diff)
+    p = float(stats.ttest_1samp(diff, 0.0).pvalue) if len(diff) > 1 and diff.std() > 0 else float("nan")
+    if np.isfinite(half) and abs(mean) > half:
+        verdict = "helps" if (mean > 0) == higher_is_better else "hurts"
+    else:
+        verdict = "no detectable difference"
+    return {"metric": key, "mean_diff": mean, "ci": half, "p_value": p, "verdict": verdict, "n": len(diff)}
 
 
 def summarise(results: dict[str, list[dict]], metrics, out: str, header: str) -> str:
@@ -58,7 +90,7 @@ def summarise(results: dict[str, list[dict]], metrics, out: str, header: str) ->
     for v, runs in results.items():
         row = {"variant": v}
         for key, _ in metrics:
-            row[key], row[key + "_ci"] = mean_ci([r["final"][key] if key in r["final"] else r[key] for r in runs])
+            row[key], row[key + "_ci"] = mean_ci([final_value(r, key) for r in runs])
         rows.append(row)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

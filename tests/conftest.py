@@ -108,3 +108,14 @@ def tiny_checkpoint(tmp_path_factory):
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     save_pretrained(build_model(config, seed=0), path, tokenizer=tokenizer)
     return path
+
+
+def main_job_variant() -> str:
+    """The variant README's main job (configs/sail_pp.py) runs."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("main_job_config", os.path.join(root, "configs", "sail_pp.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().variant

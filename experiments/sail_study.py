@@ -1,0 +1,212 @@
+"""What SAIL's terms do, one factor at a time, on the built-in task.
+
+    python experiments/sail_study.py --out=runs/study            # 5 paired seeds, p in {0.3, 1.0}, beta sweep
+    python experiments/sail_study.py --out=runs/study --quick    # 3 seeds x 60 updates, p = 0.3 only
+    python experiments/sail_study.py --out=runs/study --docs     # also copy the results into docs/
+
+Arms differ from their contrast partner in exactly one setting, at the same online fraction p (the
+share of each batch routed to the online route; the rest trains offline DPO on the dataset pairs),
+the same number of updates and the same seeds (seed s of every arm draws the same prompts and routes):
+
+  SAIL-PR's term      online DPO (PR route, γ = 0)          vs SAIL-PR (γ = 0.3)
+  SAIL-PP's terms     self-labelled DPO (PP route, λ = 0)   vs SAIL-PP (λ = 0.2)
+  RevKL               SAIL-PP                               vs SAIL-PP + RevKL (α)
+  released code       SAIL-PR (the derivation's S)          vs SAIL-PR in released-code mode
+  proxy reward        online DPO vs SAIL-PR, both labelled by a reward model trained on the offline pairs
+                      (configs/reward.py) and evaluated by the gold oracle (Gao et al.'s over-optimisation)
+
+Each contrast reports, per metric, the paired difference (treatment − baseline) with its 95% CI and
+the paired t-test, and a verdict (helps / hurts / no detectable difference). A β sweep gives each
+method's reward-KL frontier. Writes OUT/study.json and OUT/study.md (and OUT/frontier.png); resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+
+import numpy as np
+
+from sail_jax.configs import MAIN_JOB_REVKL, sail_config
+from sail_jax.evaluate import health_problems
+from sail_jax.sweep import final_value, mean_ci, paired_contrast, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# arm -> (route probability key, overrides of config.sail); p is set per study cell.
+ARMS = {
+    "offline_dpo": (None, {}),
+    "online_dpo": ("p_pr", {"gamma": 0.0}),
+    "sail_pr": ("p_pr", {"gamma": 0.3}),
+    "sail_pr_released": ("p_pr", {"gamma": 0.3, "score_term": "released_code"}),
+    "self_labelled_dpo": ("p_pp", {"lam": 0.0}),
+    "sail_pp": ("p_pp", {"lam": 0.2}),
+    "sail_pp_revkl": ("p_pp", {"lam": 0.2, "revkl": MAIN_JOB_REVKL}),
+}
+PROXY_ARMS = ("online_dpo", "sail_pr")  # also run as "<arm>_rm": labels from the proxy reward model
+CONTRASTS = (
+    ("SAIL-PR's score term (γ 0 → 0.3)", "online_dpo", "sail_pr"),
+    ("SAIL-PR's score term, proxy RM labels", "online_dpo_rm", "sail_pr_rm"),
+    ("SAIL-PP's terms (λ 0 → 0.2)", "self_labelled_dpo", "sail_pp"),
+    (f"RevKL on SAIL-PP (α 0 → {MAIN_JOB_REVKL})", "sail_pp", "sail_pp_revkl"),
+    ("released-code S on SAIL-PR", "sail_pr", "sail_pr_released"),
+)
+METRICS = (("reward", True), ("kl", False), ("win_rate", True), ("distinct_2", True))
+FRONTIER_ARMS = ("offline_dpo", "online_dpo", "sail_pr", "self_labelled_dpo", "sail_pp_revkl")
+
+
+def arm_name(arm: str, p: float | None, beta: float | None = None) -> str:
+    name = arm if p is None or ARMS[arm.removesuffix("_rm")][0] is None else f"{arm}@p{p:g}"
+    return name if beta is None else f"{name}@beta{beta:g}"
+
+
+def make_config(name: str, *, steps: int, out: str):
+    """The config of an arm name as written by ``arm_name`` (module level: picklable for worker processes)."""
+    arm, *parts = name.split("@")
+    c = sail_config("offline_dpo")
+    if arm.endswith("_rm"):
+        arm = arm[:-3]
+        c.reward.update(kind="model", path=reward_model_path(out), eval_kind="builtin")
+    route, sail = ARMS[arm]
+    for part in parts:
+        if part.startswith("beta"):
+            c.loss.beta = float(part[4:])
+        elif part.startswith("p"):
+            c.sail[route] = float(part[1:])
+    for key, value in sail.items():
+        c.sail[key] = value
+    c.variant = name
+    c.steps, c.eval_every, c.checkpoint.every = steps, max(steps // 3, 1), 0
+    return c
+
+
+def reward_model_path(out: str) -> str:
+    return os.path.join(out, "reward_model", "export")
+
+
+def train_proxy_reward_model(out: str, seed: int = 0) -> str:
+    """A Bradley–Terry reward model (configs/reward.py) on the task's offline pairs, from the SFT policy."""
+    from sail_jax.configs import base_config
+    from sail_jax.recipes.offline import run as run_offline
+
+    path = reward_model_path(out)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        c = base_config("reward")
+        task = os.path.join(out, "task")
+        c.model.path = os.path.join(task, "sft", "export")
+        c.data.update(train_path=os.path.join(task, "preferences_train.jsonl"),
+                      eval_path=os.path.join(task, "preferences_eval.jsonl"), max_prompt_length=12, max_length=24)
+        c.optim.update(learning_rate=1e-3, warmup_steps=20)
+        c.batch_size, c.eval_batch_size, c.steps, c.eval_every, c.checkpoint.every = 32, 64, 300, 100, 0
+        c.seed = seed
+        metrics = run_offline(c, os.path.dirname(path))
+        print(f"proxy reward model: held-out pair accuracy {metrics.get('rewards/accuracies', float('nan')):.3f}")
+    return path
+
+
+def contrast_table(results: dict, p: float) -> list[dict]:
+    rows = []
+    for title, base, treat in CONTRASTS:
+        if arm_name(base, p) not in results:
+            continue
+        a, b = results[arm_name(base, p)], results[arm_name(treat, p)]
+        for key, higher in METRICS:
+            rows.append({"contrast": title, "p": p, "baseline": base, "treatment": treat,
+                         **paired_contrast(a, b, key, higher_is_better=higher)})
+    return rows
+
+
+def arm_rows(results: dict) -> list[dict]:
+    rows = []
+    for name, runs in results.items():
+        row = {"arm": name, "healthy": sum(not health_problems(r["final"]) for r in runs), "n": len(runs)}
+        for key, _ in METRICS:
+            row[key], row[key + "_ci"] = mean_ci([final_value(r, key) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def markdown(arms: list[dict], contrasts: list[dict], header: str) -> str:
+    lines = [header, "", "| arm | oracle reward | KL(π‖π_SFT) | win rate vs SFT | distinct-2 | healthy runs |",
+             "|---|---|---|---|---|---|"]
+    for r in arms:
+        cells = [f"{r[k]:.3f} ± {r[k + '_ci']:.3f}" for k, _ in METRICS]
+        lines.append(f"| {r['arm']} | " + " | ".join(cells) + f" | {r['healthy']}/{r['n']} |")
+    lines += ["", "| contrast | p | metric | treatment − baseline (95% CI) | paired t p-value | verdict |",
+              "|---|---|---|---|---|---|"]
+    for r in contrasts:
+        lines.append(f"| {r['contrast']} | {r['p']:g} | {r['metric']} | {r['mean_diff']:+.3f} ± {r['ci']:.3f} | "
+                     f"{r['p_value']:.3g} | {r['verdict']} |")
+    return "\n".join(lines)
+
+
+def plot_frontier(results: dict, betas, p: float, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for arm in FRONTIER_ARMS:
+        pts = [(mean_ci([r["final"]["kl"] for r in results[arm_name(arm, p, b)]])[0],
+                mean_ci([r["final"]["reward"] for r in results[arm_name(arm, p, b)]])) for b in betas]
+        ax.errorbar([x for x, _ in pts], [m for _, (m, _) in pts], yerr=[c for _, (_, c) in pts], marker="o",
+                    capsize=3, label=arm)
+        for b, (x, (m, _)) in zip(betas, pts):
+            ax.annotate(f"β={b:g}", (x, m), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    ax.set(xlabel="KL(π‖π_SFT) (final, mean over seeds)", ylabel="oracle reward (mean ± 95% CI)",
+           title=f"reward vs KL across β (online fraction p = {p:g})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/study")
+    parser.add_argument("--quick", action="store_true", help="3 seeds x 60 updates, p = 0.3, no β sweep")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (processes)")
+    parser.add_argument("--docs", action="store_true", help="copy the tables and figure into docs/")
+    args = parser.parse_args()
+    seeds = args.seeds or (3 if args.quick else 5)
+    steps = args.steps or (60 if args.quick else 150)
+    ps = (0.3,) if args.quick else (0.3, 1.0)
+    betas = () if args.quick else (0.05, 0.1, 0.3)
+    names = [arm_name(a, p) for p in ps for a in ARMS if ARMS[a][0] is not None or p == ps[0]]
+    names += [arm_name(a, 0.3, b) for a in FRONTIER_ARMS for b in betas if b != 0.1]
+    config = functools.partial(make_config, steps=steps, out=args.out)
+    results = sweep(config, list(dict.fromkeys(names)), seeds, args.out, jobs=args.jobs)  # builds OUT/task first
+    train_proxy_reward_model(args.out)
+    proxy = [arm_name(a + "_rm", p) for p in ps for a in PROXY_ARMS]
+    results.update(sweep(config, proxy, seeds, args.out, jobs=args.jobs))
+    names += proxy
+    for arm in FRONTIER_ARMS:  # β = 0.1 is the default: the frontier reuses the p = 0.3 arms
+        results[arm_name(arm, 0.3, 0.1)] = results[arm_name(arm, 0.3)]
+    contrasts = [row for p in ps for row in contrast_table(results, p)]
+    arms = arm_rows({n: results[n] for n in dict.fromkeys(names)})
+    sft = np.mean([r["reference"]["reward"] for runs in results.values() for r in runs])
+    header = (f"{seeds} paired seeds x {steps} updates (batch 32, RMSprop lr 3e-4, β 0.1 unless named) per arm; "
+              f"`@pX` is the online fraction; SFT reward {sft:.3f}. Mean ± 95% CI (Student t); healthy: reward ≥ 0.5, "
+              f"KL ≤ 5, distinct-2 ≥ 0.95.")
+    table = markdown(arms, contrasts, header)
+    with open(os.path.join(args.out, "study.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "study.json"), "w") as f:
+        json.dump({"seeds": seeds, "steps": steps, "arms": arms, "contrasts": contrasts}, f, indent=2)
+    files = {"study.md": "study.md", "study.json": "study.json"}
+    if betas:
+        plot_frontier(results, betas, 0.3, os.path.join(args.out, "frontier.png"))
+        files["frontier.png"] = "study_frontier.png"
+    if args.docs:
+        for name, doc in files.items():
+            shutil.copy(os.path.join(args.out, name), os.path.join(REPO, "docs", doc))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
