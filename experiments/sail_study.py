@@ -1,4 +1,4 @@
-"""What SAIL's terms do, one factor at a time, on the built-in task.
+"""What SAIL's terms do, one factor at a time, on a built-in task (``--task``: builtin or praise).
 
     python experiments/sail_study.py --out=runs/study            # 5 paired seeds, p in {0.3, 1.0}, beta sweep
     python experiments/sail_study.py --out=runs/study --quick    # 3 seeds x 60 updates, p = 0.3 only
@@ -11,7 +11,8 @@ the same number of updates and the same seeds (seed s of every arm draws the sam
   SAIL-PR's term      online DPO (PR route, γ = 0)          vs SAIL-PR (γ = 0.3)
   SAIL-PP's terms     self-labelled DPO (PP route, λ = 0)   vs SAIL-PP (λ = 0.2)
   RevKL               SAIL-PP                               vs SAIL-PP + RevKL (α)
-  released code       SAIL-PR (the derivation's S)          vs SAIL-PR in released-code mode
+  released code       SAIL-PR (the derivation's S)          vs SAIL-PR in released-code mode (at our
+                      32 rows per device, and at the authors' own 4 rows x 2 accumulation steps)
   proxy reward        online DPO vs SAIL-PR, both labelled by a reward model trained on the offline pairs
                       (configs/reward.py) and evaluated by the gold oracle (Gao et al.'s over-optimisation)
 
@@ -41,6 +42,8 @@ ARMS = {
     "online_dpo": ("p_pr", {"gamma": 0.0}),
     "sail_pr": ("p_pr", {"gamma": 0.3}),
     "sail_pr_released": ("p_pr", {"gamma": 0.3, "score_term": "released_code"}),
+    # Their DPO runs: 4 rows per GPU x 2 accumulation steps (configs/devices.yaml, pipelines/dpo.py).
+    "sail_pr_released_bg8": ("p_pr", {"gamma": 0.3, "score_term": "released_code", "released_code_scale": 8.0}),
     "self_labelled_dpo": ("p_pp", {"lam": 0.0}),
     "sail_pp": ("p_pp", {"lam": 0.2}),
     "sail_pp_revkl": ("p_pp", {"lam": 0.2, "revkl": MAIN_JOB_REVKL}),
@@ -51,7 +54,8 @@ CONTRASTS = (
     ("SAIL-PR's score term, proxy RM labels", "online_dpo_rm", "sail_pr_rm"),
     ("SAIL-PP's terms (λ 0 → 0.2)", "self_labelled_dpo", "sail_pp"),
     (f"RevKL on SAIL-PP (α 0 → {MAIN_JOB_REVKL})", "sail_pp", "sail_pp_revkl"),
-    ("released-code S on SAIL-PR", "sail_pr", "sail_pr_released"),
+    ("released-code S on SAIL-PR (scale: 32 rows per device)", "sail_pr", "sail_pr_released"),
+    ("released-code S on SAIL-PR (their scale B·G = 8)", "sail_pr", "sail_pr_released_bg8"),
 )
 METRICS = (("reward", True), ("kl", False), ("win_rate", True), ("distinct_2", True))
 FRONTIER_ARMS = ("offline_dpo", "online_dpo", "sail_pr", "self_labelled_dpo", "sail_pp_revkl")
@@ -62,13 +66,14 @@ def arm_name(arm: str, p: float | None, beta: float | None = None) -> str:
     return name if beta is None else f"{name}@beta{beta:g}"
 
 
-def make_config(name: str, *, steps: int, out: str):
+def make_config(name: str, *, steps: int, out: str, task: str):
     """The config of an arm name as written by ``arm_name`` (module level: picklable for worker processes)."""
     arm, *parts = name.split("@")
     c = sail_config("offline_dpo")
+    c.task.name = task
     if arm.endswith("_rm"):
         arm = arm[:-3]
-        c.reward.update(kind="model", path=reward_model_path(out), eval_kind="builtin")
+        c.reward.update(kind="model", path=reward_model_path(out), eval_kind=task)
     route, sail = ARMS[arm]
     for part in parts:
         if part.startswith("beta"):
@@ -167,19 +172,23 @@ def plot_frontier(results: dict, betas, p: float, path: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/study")
+    parser.add_argument("--task", default="builtin", help="a built-in task of sail_jax.tasks: builtin | praise")
     parser.add_argument("--quick", action="store_true", help="3 seeds x 60 updates, p = 0.3, no β sweep")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--betas", default=None, help="β values of the frontier, comma-separated (default "
+                        "0.05,0.1,0.3; none with --quick); '' for no frontier")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (processes)")
     parser.add_argument("--docs", action="store_true", help="copy the tables and figure into docs/")
     args = parser.parse_args()
     seeds = args.seeds or (3 if args.quick else 5)
     steps = args.steps or (60 if args.quick else 150)
     ps = (0.3,) if args.quick else (0.3, 1.0)
-    betas = () if args.quick else (0.05, 0.1, 0.3)
+    default_betas = "" if args.quick else "0.05,0.1,0.3"
+    betas = tuple(float(b) for b in (default_betas if args.betas is None else args.betas).split(",") if b)
     names = [arm_name(a, p) for p in ps for a in ARMS if ARMS[a][0] is not None or p == ps[0]]
     names += [arm_name(a, 0.3, b) for a in FRONTIER_ARMS for b in betas if b != 0.1]
-    config = functools.partial(make_config, steps=steps, out=args.out)
+    config = functools.partial(make_config, steps=steps, out=args.out, task=args.task)
     results = sweep(config, list(dict.fromkeys(names)), seeds, args.out, jobs=args.jobs)  # builds OUT/task first
     train_proxy_reward_model(args.out)
     proxy = [arm_name(a + "_rm", p) for p in ps for a in PROXY_ARMS]
@@ -190,9 +199,9 @@ def main():
     contrasts = [row for p in ps for row in contrast_table(results, p)]
     arms = arm_rows({n: results[n] for n in dict.fromkeys(names)})
     sft = np.mean([r["reference"]["reward"] for runs in results.values() for r in runs])
-    header = (f"{seeds} paired seeds x {steps} updates (batch 32, RMSprop lr 3e-4, β 0.1 unless named) per arm; "
-              f"`@pX` is the online fraction; SFT reward {sft:.3f}. Mean ± 95% CI (Student t); healthy: reward ≥ 0.5, "
-              f"KL ≤ 5, distinct-2 ≥ 0.95.")
+    header = (f"Task `{args.task}`: {seeds} paired seeds x {steps} updates (batch 32, RMSprop lr 3e-4, β 0.1 unless "
+              f"named) per arm; `@pX` is the online fraction; SFT reward {sft:.3f}. Mean ± 95% CI (Student t); "
+              "healthy: the main job's bounds (reward ≥ 0.5, KL ≤ 5, distinct-2 ≥ 0.95).")
     table = markdown(arms, contrasts, header)
     with open(os.path.join(args.out, "study.md"), "w") as f:
         f.write(table + "\n")
@@ -204,7 +213,7 @@ def main():
         files["frontier.png"] = "study_frontier.png"
     if args.docs:
         for name, doc in files.items():
-            shutil.copy(os.path.join(args.out, name), os.path.join(REPO, "docs", doc))
+            shutil.copy(os.path.join(args.out, name), os.path.join(REPO, "docs", f"{args.task}_{doc}"))
     print(table)
 
 

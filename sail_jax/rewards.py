@@ -1,9 +1,9 @@
 """Reward sources for SAIL-PR labels and for evaluation, behind one call:
 ``source(prompts, responses) -> float rewards [n]`` on text (prompts: strings or message lists).
 
-  builtin  the built-in task's oracle (sail_jax.data.builtin_task)
-  ifeval   the instruction-following oracle: fraction of the prompt's constraints satisfied
-           (sail_jax.data.ifeval_task)
+  builtin, praise, ifeval
+           the oracle of that task in ``sail_jax.tasks`` (ifeval: the fraction of the prompt's
+           constraints satisfied)
   model    an HF ``*ForSequenceClassification`` folder (e.g. the reward recipe's export), scoring
            ``prompt + response`` with its own tokenizer and chat template
 """
@@ -18,9 +18,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sail_jax.tasks import TASK_NAMES, get_task
 from sail_jax.tokenization import Tokenizer, pack_pairs
 
-REWARD_KINDS = ("builtin", "ifeval", "model")
+REWARD_KINDS = (*TASK_NAMES, "model")
 
 
 class OracleReward:
@@ -63,14 +64,8 @@ class ModelReward:
 
 def make_reward_source(cfg):
     """From ``config.reward``: ``kind`` and, for ``model``, ``path``."""
-    if cfg.kind == "builtin":
-        from sail_jax.data.builtin_task import oracle_reward
-
-        return OracleReward(oracle_reward)
-    if cfg.kind == "ifeval":
-        from sail_jax.data import ifeval_task
-
-        return OracleReward(ifeval_task.oracle_reward)
+    if cfg.kind in TASK_NAMES:
+        return OracleReward(get_task(cfg.kind).oracle_reward)
     if cfg.kind == "model":
         if not cfg.path:
             raise ValueError("config.reward.path is empty: point it at a reward-model folder (kind=model)")

@@ -125,8 +125,9 @@ def validate_online_config(config) -> None:
     _require(config.data.get("eval_kind", "preference") in ("preference", "prompt"),
              f"config.data.eval_kind={config.data.get('eval_kind')!r} is unknown; valid: 'preference' (held-out "
              "pairs) or 'prompt' (held-out prompts only)")
-    _require(config.reward.kind in REWARD_KINDS,
-             f"config.reward.kind={config.reward.kind!r} is unknown; valid: {list(REWARD_KINDS)}")
+    _require(config.reward.kind in ("", *REWARD_KINDS),
+             f"config.reward.kind={config.reward.kind!r} is unknown; valid: '' (the task's oracle) or "
+             f"{list(REWARD_KINDS)}")
     eval_kind = config.reward.get("eval_kind", "")
     _require(eval_kind in ("", *REWARD_KINDS),
              f"config.reward.eval_kind={eval_kind!r} is unknown; valid: '' (the labels' source) or {list(REWARD_KINDS)}")

@@ -7,7 +7,7 @@ import pytest
 
 from ml_collections import ConfigDict
 
-from sail_jax.data import ifeval_task as T
+from sail_jax.tasks import ifeval as T
 from sail_jax.rewards import make_reward_source
 
 
@@ -61,7 +61,7 @@ def test_prompts_are_deterministic_consistent_and_split_disjointly():
 
 def test_offline_pairs_are_best_vs_worst_finished_samples_without_ties(monkeypatch):
     from sail_jax.configs import ifeval_config
-    from sail_jax.recipes import sail as recipe
+    from sail_jax.tasks import prepare
 
     class Tok:  # encode_response only measures length here
         def encode_response(self, prompt, text):
@@ -70,10 +70,10 @@ def test_offline_pairs_are_best_vs_worst_finished_samples_without_ties(monkeypat
     texts = ["Fresh bread is good", "bread", "fresh", "stale",   # prompt 0: 1.0, 0.0, 1.0(unfinished), 0.0
              "bread", "crumbs", "toast", "loaf"]                 # prompt 1: all 0.0: a tie, dropped
     finished = np.array([1, 1, 0, 1, 1, 1, 1, 1], bool)
-    monkeypatch.setattr(recipe, "_sample_texts", lambda *a: (texts, finished))
+    monkeypatch.setattr(prepare, "sample_texts", lambda *a: (texts, finished))
     prompt = [{"role": "user", "content": 'Describe bread. Include the word "fresh" in your answer.'}]
-    monkeypatch.setattr(recipe, "_task_prompts", lambda *a: [prompt, prompt])
-    rows = recipe._oracle_labelled_pairs(None, Tok(), ifeval_config("offline_dpo"), "train", 2, seed=1)
+    monkeypatch.setattr(T, "prompts", lambda *a, **k: [prompt, prompt])
+    rows = prepare.oracle_labelled_pairs(None, Tok(), ifeval_config("offline_dpo"), "train", 2, seed=1)
     assert rows == [{"prompt": prompt, "chosen": "Fresh bread is good", "rejected": "bread"}]
 
 

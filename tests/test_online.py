@@ -13,7 +13,6 @@ import pytest
 from conftest import main_job_variant, synthetic_pairs, write_jsonl
 
 from sail_jax.configs import VARIANTS, sail_config
-from sail_jax.data import builtin_task
 from sail_jax.labeling import dp_swaps, draw_routes, preference_labels, select_pairs
 from sail_jax.sail_terms import ROUTE_DP, ROUTE_OFFLINE, ROUTE_PP, ROUTE_PR, RunningBaseline, sail_loss
 from sail_jax.models import load_pretrained
@@ -63,17 +62,6 @@ def test_pair_selection_methods():
     assert bool(jnp.all(a != b)) and len(set(np.asarray(a).tolist())) > 1
     with pytest.raises(ValueError, match="valid: \\['first_two', 'max_min', 'random'\\]"):
         select_pairs(jax.random.key(0), scores, "best")
-
-
-def test_builtin_oracle_scores_topic_sentiment_and_gibberish():
-    p = builtin_task.make_prompt("apple")
-    assert builtin_task.oracle_reward(p, " apple is great and lovely.") == pytest.approx(1.0)
-    assert builtin_task.oracle_reward(p, " it is awful.") == pytest.approx(-0.7)
-    assert builtin_task.oracle_reward(p, " apple xyz.") == pytest.approx(0.3 - 0.25)
-    assert builtin_task.oracle_reward(p, "") == -1.0
-    demos = builtin_task.sft_records(2000, 0)
-    mean = np.mean([builtin_task.oracle_reward(r["prompt"], r["response"]) for r in demos])
-    assert 0.0 < mean < 0.4  # the SFT data leaves room to improve (the optimum is 1.0)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,13 @@ held-out scores measure instruction following, not memorised prompts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Callable, Sequence
 
 import numpy as np
+
+MODEL_DIR = "model"
 
 REQUESTS = [
     "Write a short note to my neighbour about {topic}.",
@@ -144,3 +147,10 @@ def prompts(n: int, seed: int, split: str = "train", max_constraints: int = 2) -
             text += " " + c.instruction(arg)
         out.append([{"role": "user", "content": text}])
     return out
+
+
+def build_policy(config, root: str) -> str:
+    """The task's policy: a GGUF instruct model (default SmolLM2-135M-Instruct) as it is, no SFT."""
+    from sail_jax.models.gguf import bundled_smollm2, ensure_converted
+
+    return ensure_converted(config.task.get("gguf") or bundled_smollm2(), os.path.join(root, MODEL_DIR))

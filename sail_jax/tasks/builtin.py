@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sail_jax.tasks import tiny_policy
+
 TOPICS = ("apple", "river", "garden", "music", "winter", "city", "coffee", "forest", "ocean", "book",
           "train", "dog", "sunset", "bread", "mountain", "school")
 POSITIVE = ("great", "lovely", "bright", "calm", "warm", "fresh", "kind", "happy", "sweet", "gentle", "clean",
@@ -25,20 +27,21 @@ NEGATIVE = ("awful", "dull", "cold", "noisy", "bitter", "dirty", "sad", "harsh",
 FILLERS = ("it", "is", "and", "very", "so", "quite", "the", "feels", "looks", "always", "today")
 VOCABULARY = frozenset(TOPICS + POSITIVE + NEGATIVE + FILLERS)
 TOPIC_BONUS, SENTIMENT_WEIGHT, GIBBERISH_PENALTY = 0.3, 0.7, 0.5
-VOCAB_SIZE = 600  # the BPE tokenizer's target size (the trained one may come out smaller)
+MODEL_DIR = tiny_policy.MODEL_DIR
 
 
-def model_config(vocab_size: int = VOCAB_SIZE, *, eos_id=None, pad_id=None):
-    """The task's policy: a tiny Qwen2-architecture model (random init, then SFT)."""
-    from sail_jax.models import ModelConfig
-
-    return ModelConfig(model_type="qwen2", vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True,
-                       eos_token_id=eos_id, pad_token_id=pad_id)
+def build_policy(config, root: str) -> str:
+    """The task's policy: a tiny Qwen2-architecture model after SFT on the demonstrations."""
+    return tiny_policy.build_sft_policy(config, root, corpus=tokenizer_corpus(),
+                                        sft_records=sft_records(config.task.sft_examples, seed=0), name="built-in")
 
 
 def make_prompt(topic: str) -> str:
     return f"Topic: {topic}. Describe it:"
+
+
+def word_list(response: str) -> list[str]:
+    return response.replace(".", " ").split()
 
 
 def topic_of(prompt: str) -> str:
@@ -47,7 +50,7 @@ def topic_of(prompt: str) -> str:
 
 def oracle_reward(prompt: str, response: str) -> float:
     """The task's ground-truth reward of one response (see the module docstring)."""
-    words = response.replace(".", " ").split()
+    words = word_list(response)
     if not words:
         return -1.0
     reward = TOPIC_BONUS if words[0] == topic_of(prompt) else 0.0
@@ -59,7 +62,9 @@ def oracle_reward(prompt: str, response: str) -> float:
     return float(reward)
 
 
-def prompts(n: int, seed: int) -> list[str]:
+def prompts(n: int, seed: int, split: str = "train") -> list[str]:
+    """``n`` prompts; train and held-out prompts differ by seed only (the topics are shared)."""
+    del split
     rng = np.random.RandomState(seed)
     return [make_prompt(TOPICS[i]) for i in rng.randint(len(TOPICS), size=n)]
 
