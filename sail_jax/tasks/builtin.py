@@ -62,27 +62,34 @@ def oracle_reward(prompt: str, response: str) -> float:
     return float(reward)
 
 
-def prompts(n: int, seed: int, split: str = "train") -> list[str]:
-    """``n`` prompts; train and held-out prompts differ by seed only (the topics are shared)."""
+def prompts(n: int, seed: int, split: str = "train", *, make=make_prompt) -> list[str]:
+    """``n`` prompts (``make(topic)``); train and held-out prompts differ by seed only (shared topics)."""
     del split
     rng = np.random.RandomState(seed)
-    return [make_prompt(TOPICS[i]) for i in rng.randint(len(TOPICS), size=n)]
+    return [make(TOPICS[i]) for i in rng.randint(len(TOPICS), size=n)]
+
+
+def sentiment_words(rng: np.random.RandomState, count: int) -> list[str]:
+    """``count`` sentiment words joined by fillers, each positive with probability 1/2."""
+    words = []
+    for i in range(count):
+        if i:
+            words.append(str(rng.choice(["and", "so", "very"])))
+        words.append(str(rng.choice(POSITIVE if rng.rand() < 0.5 else NEGATIVE)))
+    return words
 
 
 def demonstration(prompt: str, rng: np.random.RandomState) -> str:
     """An SFT response: topic first 60% of the time, 1-3 sentiment words, each positive w.p. 1/2."""
     words = [topic_of(prompt) if rng.rand() < 0.6 else str(rng.choice(["it", "the"]))]
     words += [str(rng.choice(["is", "feels", "looks"]))]
-    for i in range(rng.randint(1, 4)):
-        if i:
-            words.append(str(rng.choice(["and", "so", "very"])))
-        words.append(str(rng.choice(POSITIVE if rng.rand() < 0.5 else NEGATIVE)))
-    return " " + " ".join(words) + "."
+    return " " + " ".join(words + sentiment_words(rng, rng.randint(1, 4))) + "."
 
 
-def sft_records(n: int, seed: int) -> list[dict]:
+def sft_records(n: int, seed: int, *, make=make_prompt, demonstrate=demonstration) -> list[dict]:
+    """``n`` SFT rows ``{prompt, response}``: ``make``'s prompts answered by ``demonstrate``."""
     rng = np.random.RandomState(seed + 1)
-    return [{"prompt": p, "response": demonstration(p, rng)} for p in prompts(n, seed)]
+    return [{"prompt": p, "response": demonstrate(p, rng)} for p in prompts(n, seed, make=make)]
 
 
 def tokenizer_corpus() -> list[str]:

@@ -46,25 +46,17 @@ def optimal_response(prompt: str) -> str:
 
 
 def prompts(n: int, seed: int, split: str = "train") -> list[str]:
-    """``n`` prompts; train and held-out prompts differ by seed only (the topics are shared)."""
-    del split
-    rng = np.random.RandomState(seed)
-    return [make_prompt(builtin.TOPICS[i]) for i in rng.randint(len(builtin.TOPICS), size=n)]
+    return builtin.prompts(n, seed, split, make=make_prompt)
 
 
 def demonstration(prompt: str, rng: np.random.RandomState) -> str:
     """An SFT response: topic or "it", a verb, then 1-4 sentiment words, each positive w.p. 1/2."""
     words = [builtin.topic_of(prompt) if rng.rand() < 0.5 else "it", str(rng.choice(["is", "feels", "looks"]))]
-    for i in range(rng.randint(1, 5)):
-        if i:
-            words.append(str(rng.choice(["and", "so", "very"])))
-        words.append(str(rng.choice(POSITIVE if rng.rand() < 0.5 else NEGATIVE)))
-    return " " + " ".join(words) + "."
+    return " " + " ".join(words + builtin.sentiment_words(rng, rng.randint(1, 5))) + "."
 
 
 def sft_records(n: int, seed: int) -> list[dict]:
-    rng = np.random.RandomState(seed + 1)
-    return [{"prompt": p, "response": demonstration(p, rng)} for p in prompts(n, seed)]
+    return builtin.sft_records(n, seed, make=make_prompt, demonstrate=demonstration)
 
 
 def tokenizer_corpus() -> list[str]:
