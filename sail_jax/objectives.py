@@ -148,6 +148,10 @@ def make_sail_objective(loss_cfg, sail_cfg, *, score_temperature: float = 1.0, d
     """
     beta, t = float(loss_cfg.beta), float(score_temperature)
     fixed_scale = sail_cfg.get("released_code_scale", None)
+    lam_score = sail_cfg.get("lam_score", None)
+    coefficients = dict(rho=float(sail_cfg.rho), lam=float(sail_cfg.lam), gamma=float(sail_cfg.gamma),
+                        lam_score=None if lam_score is None else float(lam_score),
+                        revkl=float(sail_cfg.get("revkl", 0.0)))
 
     def terms(logps, score, lengths, batch, frozen):
         b = batch["route"].shape[0]
@@ -156,8 +160,7 @@ def make_sail_objective(loss_cfg, sail_cfg, *, score_temperature: float = 1.0, d
         scale = n_valid * grad_accum_steps / data_parallel if fixed_scale is None else float(fixed_scale)
         per_term, metrics = sail_terms(
             logps[:b], logps[b:], batch["ref_chosen_logps"], batch["ref_rejected_logps"], batch["route"],
-            beta=beta, rho=float(sail_cfg.rho), lam=float(sail_cfg.lam), gamma=float(sail_cfg.gamma),
-            lam_score=None if sail_cfg.get("lam_score", None) is None else float(sail_cfg.lam_score), revkl=float(sail_cfg.get("revkl", 0.0)), baseline=sail_cfg.baseline, score_term=sail_cfg.score_term,
+            beta=beta, **coefficients, baseline=sail_cfg.baseline, score_term=sail_cfg.score_term,
             released_code_scale=scale, loss_type=loss_cfg.loss_type,
             label_smoothing=float(loss_cfg.get("label_smoothing", 0.0)), score_chosen_logps=score[:b],
             score_rejected_logps=score[b:], mask=valid, baseline_state=frozen["baseline"],

@@ -91,8 +91,7 @@ class OnlineLoop:
         self.block: Block | None = None
         self.seconds = {"generation": 0.0, "steps": 0.0}  # totals of this process's run, for summaries
         self.evaluator = Evaluator(self.graphdef, self.ref_params, reward_source=eval_reward_source or reward_source,
-                                   tokenizer=tokenizer,
-                                   gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
+                                   tokenizer=tokenizer, gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
                                    missing_eos_penalty=float(config.reward.missing_eos_penalty), mesh=mesh,
                                    **evaluator_args)
 

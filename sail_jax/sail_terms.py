@@ -131,7 +131,8 @@ def sail_terms(
     """The per-example terms ``{name: [batch]}`` of ``TERMS`` (zero where ``mask`` is false) and metrics.
 
     ``lam_score`` is PP's coefficient on S when it should differ from λ on ½ℓ² (an ablation knob;
-    the derivation has one λ). ``score_*_logps`` (e.g. at the sampling temperature) carry S's and RevKL's ∇logπ when given.
+    the derivation has one λ). ``score_*_logps`` (e.g. at the sampling temperature) carry S's and
+    RevKL's ∇logπ when given.
     ``revkl`` is α: its term's gradient is an unbiased estimate of α·∇KL(π‖π_ref) when the pair's two
     responses are independent samples of π (leave-one-out: each sample's baseline is the other's
     log-ratio; zero on identical pairs, so dropping them biases nothing).

@@ -49,7 +49,8 @@ def run_one(make_config: Callable, variant: str, seed: int, out: str, **override
     return summary
 
 
-def sweep(make_config: Callable, variants, seeds: int, out: str, *, jobs: int = 1, **overrides) -> dict[str, list[dict]]:
+def sweep(make_config: Callable, variants, seeds: int, out: str, *, jobs: int = 1,
+          **overrides) -> dict[str, list[dict]]:
     """Every variant at seeds 0..seeds-1. ``jobs`` > 1 runs that many at once in fresh processes
     (``make_config`` must then be picklable: a module-level function or a partial of one); the shared
     task files are built first, by one run."""
