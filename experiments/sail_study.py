@@ -123,10 +123,12 @@ def contrast_table(results: dict, p: float) -> list[dict]:
     return rows
 
 
-def arm_rows(results: dict) -> list[dict]:
+def arm_rows(results: dict, with_health: bool) -> list[dict]:
+    """Mean ± CI per arm; with the main job's health bounds only where they mean something (``builtin``)."""
     rows = []
     for name, runs in results.items():
-        row = {"arm": name, "healthy": sum(not health_problems(r["final"]) for r in runs), "n": len(runs)}
+        healthy = sum(not health_problems(r["final"]) for r in runs) if with_health else None
+        row = {"arm": name, "healthy": healthy, "n": len(runs)}
         for key, _ in METRICS:
             row[key], row[key + "_ci"] = mean_ci([final_value(r, key) for r in runs])
         rows.append(row)
@@ -138,7 +140,8 @@ def markdown(arms: list[dict], contrasts: list[dict], header: str) -> str:
              "|---|---|---|---|---|---|"]
     for r in arms:
         cells = [f"{r[k]:.3f} ± {r[k + '_ci']:.3f}" for k, _ in METRICS]
-        lines.append(f"| {r['arm']} | " + " | ".join(cells) + f" | {r['healthy']}/{r['n']} |")
+        healthy = "—" if r["healthy"] is None else f"{r['healthy']}/{r['n']}"
+        lines.append(f"| {r['arm']} | " + " | ".join(cells) + f" | {healthy} |")
     lines += ["", "| contrast | p | metric | treatment − baseline (95% CI) | paired t p-value | verdict |",
               "|---|---|---|---|---|---|"]
     for r in contrasts:
@@ -178,6 +181,8 @@ def main():
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--betas", default=None, help="β values of the frontier, comma-separated (default "
                         "0.05,0.1,0.3; none with --quick); '' for no frontier")
+    parser.add_argument("--no-proxy", dest="proxy", action="store_false",
+                        help="skip the proxy-reward-model arms (a reward model's scoring makes them 3x slower)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (processes)")
     parser.add_argument("--docs", action="store_true", help="copy the tables and figure into docs/")
     args = parser.parse_args()
@@ -190,18 +195,19 @@ def main():
     names += [arm_name(a, 0.3, b) for a in FRONTIER_ARMS for b in betas if b != 0.1]
     config = functools.partial(make_config, steps=steps, out=args.out, task=args.task)
     results = sweep(config, list(dict.fromkeys(names)), seeds, args.out, jobs=args.jobs)  # builds OUT/task first
-    train_proxy_reward_model(args.out)
-    proxy = [arm_name(a + "_rm", p) for p in ps for a in PROXY_ARMS]
-    results.update(sweep(config, proxy, seeds, args.out, jobs=args.jobs))
-    names += proxy
+    if args.proxy:
+        train_proxy_reward_model(args.out)
+        proxy = [arm_name(a + "_rm", p) for p in ps for a in PROXY_ARMS]
+        results.update(sweep(config, proxy, seeds, args.out, jobs=args.jobs))
+        names += proxy
     for arm in FRONTIER_ARMS:  # β = 0.1 is the default: the frontier reuses the p = 0.3 arms
         results[arm_name(arm, 0.3, 0.1)] = results[arm_name(arm, 0.3)]
     contrasts = [row for p in ps for row in contrast_table(results, p)]
-    arms = arm_rows({n: results[n] for n in dict.fromkeys(names)})
+    arms = arm_rows({n: results[n] for n in dict.fromkeys(names)}, with_health=args.task == "builtin")
     sft = np.mean([r["reference"]["reward"] for runs in results.values() for r in runs])
     header = (f"Task `{args.task}`: {seeds} paired seeds x {steps} updates (batch 32, RMSprop lr 3e-4, β 0.1 unless "
               f"named) per arm; `@pX` is the online fraction; SFT reward {sft:.3f}. Mean ± 95% CI (Student t); "
-              "healthy: the main job's bounds (reward ≥ 0.5, KL ≤ 5, distinct-2 ≥ 0.95).")
+              "healthy runs: within the main job's bounds (reward ≥ 0.5, KL ≤ 5, distinct-2 ≥ 0.95; built-in task).")
     table = markdown(arms, contrasts, header)
     with open(os.path.join(args.out, "study.md"), "w") as f:
         f.write(table + "\n")
