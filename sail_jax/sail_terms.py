@@ -18,8 +18,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from sail_jax.losses import as_float32, check_loss_type, log_sigmoid, masked_mean, pair_of, preference_loss, \
-    preference_metrics
+from sail_jax.losses import (as_float32, check_loss_type, log_sigmoid, masked_mean, pair_of, preference_loss,
+                             preference_metrics)
 
 ROUTE_OFFLINE, ROUTE_DP, ROUTE_PP, ROUTE_PR = 0, 1, 2, 3
 ROUTE_NAMES = ("offline", "dp", "pp", "pr")

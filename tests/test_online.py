@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import main_job_variant, synthetic_pairs, write_jsonl
+from conftest import main_job_variant, synthetic_pairs
 
 from sail_jax.configs import VARIANTS, sail_config
 from sail_jax.labeling import dp_swaps, draw_routes, preference_labels, select_pairs
