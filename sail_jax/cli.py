@@ -1,9 +1,16 @@
 """``sail-jax --config=configs/<recipe>.py --workdir=DIR [--config.key=value ...]``, and
-``sail-jax plan --config=... [--target=v5e-32]``: the per-device memory plan of a config (sail_jax.plan)."""
+``sail-jax plan --config=... [--target=v5e-32]``: the per-device memory plan of a config (sail_jax.plan).
+
+A run validates the whole config first, then holds the workdir's lock, checks that a resumed run keeps
+its config (sail_jax.workdir), and runs the recipe. The same command on a finished run prints its
+saved summary. User errors print one message and exit 2 (``--debug``: with the traceback); a run
+stopped by SIGTERM/SIGINT saves a checkpoint and exits 128 + the signal number.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -11,6 +18,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume a run although its config changed (the "
+                                  "changed keys are printed); cadence keys (steps, logging, eval) may always change.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of user errors (config, data, paths, checkpoints).")
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "Multi-process: HOST:PORT of process 0 (with the next two).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process: how many processes in all.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index, 0..num_processes-1.")
@@ -19,37 +29,140 @@ _TARGET = flags.DEFINE_string("target", "", "plan: slices/GPUs to plan for, comm
                               "plan_targets), e.g. v4-8,v5e-8,1xH100.")
 
 
+def _fail(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _loaded_config():
+    """The config; a config file that failed to load (ml_collections defers that error) is a user error."""
+    from sail_jax.errors import UserError
+
+    config = _CONFIG.value
+    try:
+        config.get("recipe")  # the first use is what raises
+        return config
+    except OSError as e:
+        raise UserError(" ".join(str(e).replace("Configuration is not available because of an earlier failure to load: ",
+                                                "").split())) from None
+
+
 def _plan(config) -> None:
+    from sail_jax.errors import UserError
     from sail_jax.plan import make_plan, parse_target
 
     names = [t for t in (_TARGET.value or config.get("plan_targets", "")).split(",") if t]
     if not names:
-        raise app.UsageError("plan: name a target (--target=v5e-8) or set plan_targets in the config")
+        raise UserError("plan: name a target (--target=v5e-8) or set plan_targets in the config")
     for name in names:
         plan = make_plan(config, target=parse_target(name))
         mesh = " x ".join(f"{k} {v}" for k, v in plan.mesh.items())
         print(f"\n== {name}: mesh {mesh}, batch {config.batch_size} ==\n{plan.table()}")
 
 
-def _main(argv):
-    if argv[1:] == ["plan"]:
-        return _plan(_CONFIG.value)
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; use `sail-jax [plan] --config=... --workdir=...`")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required (where checkpoints, logs and the export go)")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
+def _admit(config, workdir: str, lock) -> str | None:
+    """Process 0's checks before a run: the lock, the stored identity; returns the saved summary of a
+    finished run (nothing to do), else records this config as the run's and returns None."""
+    from sail_jax.train import checkpoint_dir
+    from sail_jax.workdir import Identity, clear_summary, finished_summary
+
+    took_over = lock.acquire()
+    if took_over:
+        print(took_over, file=sys.stderr)
+    if "steps" in config:  # a training run (score_pairs is one pass: nothing to resume)
+        identity = Identity(checkpoint_dir(config, workdir))
+        for change in identity.check(config, allow_change=_ALLOW_CHANGE.value):
+            print(f"config change allowed (--allow_config_change): {change}", file=sys.stderr)
+        done = finished_summary(workdir, config)
+        if done is not None:
+            return done
+        clear_summary(workdir)
+        identity.save(config)
+    with open(os.path.join(workdir, "config.txt"), "w") as f:
+        f.write(str(config))  # the resolved config, overrides included
+    return None
+
+
+def _train(config, workdir: str) -> None:
     from sail_jax import distributed
+    from sail_jax.errors import UserError
     from sail_jax.recipes import get_recipe
+    from sail_jax.validation import validate_config
+    from sail_jax.workdir import WorkdirLock
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
-    if distributed.is_main():
-        with open(os.path.join(workdir, "config.txt"), "w") as f:
-            f.write(str(config))  # the resolved config, overrides included
-    get_recipe(config.recipe)(config, workdir)
+    validate_config(config)  # the whole config, before any task is built or model loaded
+    lock = WorkdirLock(workdir)
+    try:
+        # Process 0 decides (its workdir holds the lock and the summary) and tells the others.
+        done, error = None, None
+        if distributed.is_main():
+            try:
+                done = _admit(config, workdir, lock)
+            except UserError as e:
+                error = e
+        go = distributed.from_main(-1 if error else 0 if done is not None else 1)
+        if error is not None:
+            raise error
+        if go < 0:
+            raise UserError("process 0 refused to start this run; its log says why")
+        if done is not None:
+            print(f"{workdir} holds a finished run of this config ({config.steps} steps); its summary:\n\n{done}")
+        elif go:
+            get_recipe(config.recipe)(config, workdir)
+    finally:
+        lock.release()
+
+
+def _main(argv):
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
+    from sail_jax.errors import Stopped, UserError
+
+    try:
+        if argv[1:] == ["plan"]:
+            return _plan(_loaded_config())
+        if len(argv) > 1:
+            raise UserError(f"unexpected arguments {argv[1:]}; use `sail-jax [plan] --config=... --workdir=...`")
+        if not _WORKDIR.value:
+            raise UserError("--workdir is required (where checkpoints, logs and the export go)")
+        _train(_loaded_config(), _WORKDIR.value)
+    except UserError as e:
+        if _DEBUG.value:
+            raise
+        _fail(str(e))
+    except Stopped as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (which saves and stops on its own)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with one line per mistake instead of chained tracebacks."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - config files and overrides fail in many ways; all are user errors
+        if "--debug" in argv:
+            raise
+        chain = [e]
+        while chain[-1].__cause__ or chain[-1].__context__:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        innermost = chain[-1]
+        message = str(e) if isinstance(e, flags.Error) else str(innermost)
+        if "Traceback" in message:  # a config file that raised: its own error, after the flag
+            message = f"{message.split(': ')[0]}: {type(innermost).__name__}: {innermost}"
+        if isinstance(innermost, (AttributeError, KeyError)):  # an override naming a key the config lacks
+            key = str(innermost).strip("'\"").split("'")[0].split()[0] if str(innermost) else "?"
+            used = [a.split("=")[0] for a in argv if a.startswith("--config.") and f".{key}." in a.split("=")[0] + "."]
+            guess = next((m.group(1) for m in map(re.compile(r'Did you mean "([^"]+)"').search, map(str, chain)) if m),
+                         None)
+            message = (f"{used[0] if used else '--config.*'}: the config has no key {key!r}."
+                       + (f' Did you mean "{guess}"?' if guess else ""))
+        elif isinstance(e, flags.UnrecognizedFlagError) and "config." in message:
+            message += " (the config has no such key; see the config file and sail_jax/configs.py)"
+        _fail(" ".join(message.split()))
 
 
 def main():
@@ -58,8 +171,9 @@ def main():
         # (the CPU default trades memory for parallelism). Must be set before jax starts.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a plan is computed on the host; skip the accelerator probe
     flags.mark_flags_as_required(["config"])
-    app.run(_main)
+    app.run(_main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

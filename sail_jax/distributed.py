@@ -39,6 +39,13 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def from_main(value: int) -> int:
+    """Process 0's ``value`` on every process (a collective in multi-process runs)."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def global_array(x, sharding):
     """A host array that every process holds in full, placed as one global array with ``sharding``
     (each process fills the shards of its own devices)."""

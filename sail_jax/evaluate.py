@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from sail_jax.distributed import global_array, to_host
 from sail_jax.losses import preference_metrics
 from sail_jax.objectives import response_logps
+from sail_jax.progress import bar
 from sail_jax.sampling import generate
 from sail_jax.sharding import batch_sharding, data_parallel_size
 
@@ -102,7 +103,8 @@ class Evaluator:
         """Policy samples at temperature 1 with their rewards and their log-probs under both models."""
         model = nnx.merge(self.graphdef, params)
         out = {"tokens": [], "mask": [], "finished": [], "logp": [], "ref_logp": []}
-        for c, (idx, keep) in enumerate(self._chunks()):
+        chunks = list(self._chunks())
+        for c, (idx, keep) in enumerate(bar(chunks, f"evaluating on {len(self.prompts)} held-out prompts")):
             p, pm = self.arrays["prompt_ids"][idx], self.arrays["prompt_mask"][idx]
             s = generate(model, p, pm, jax.random.fold_in(key, c), max_new_tokens=self.gen_cfg.max_new_tokens,
                          temperature=1.0, eos_ids=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,

@@ -25,9 +25,9 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from sail_jax.distributed import global_array, to_host
+from sail_jax.driver import drive
 from sail_jax.evaluate import Evaluator, decode_responses, distinct_n, make_logp_fn
 from sail_jax.labeling import dp_swaps, draw_routes, preference_labels, select_pairs
 from sail_jax.objectives import make_sail_objective, make_term_gradient_norms
@@ -36,8 +36,7 @@ from sail_jax.sail_terms import (ROUTE_DP, ROUTE_PP, ROUTE_PR, RunningBaseline, 
 from sail_jax.optim import make_optimizer
 from sail_jax.sampling import generate
 from sail_jax.sharding import batch_sharding, data_parallel_size
-from sail_jax.train import (Checkpoints, MetricLogger, abstract_like, checkpoint_dir, create_train_state, frozen_copy,
-                            make_train_step)
+from sail_jax.train import create_train_state, frozen_copy, make_train_step
 
 _ROUTE_KEY, _GEN_KEY, _SELECT_KEY, _LABEL_KEY, _DP_KEY = range(5)
 
@@ -262,44 +261,20 @@ class OnlineLoop:
                 "baseline": {"mean": np.asarray(self.baseline.mean).tolist(),
                              "initialized": np.asarray(self.baseline.initialized).tolist()}}
 
-    def restore(self, ckpt: Checkpoints) -> int:
-        restored = ckpt.restore(abstract_like(self.state, self.shardings))
-        if restored is None:
-            return 0
-        self.state, extra = restored
+    def load_extra(self, extra: dict) -> None:
         self.prompts.set_state(extra["data"])
         self.baseline = RunningBaseline(mean=jnp.asarray(extra["baseline"]["mean"], jnp.float32),
                                         initialized=jnp.asarray(extra["baseline"]["initialized"], jnp.bool_))
         if int(self.config.reference.sync_every) > 0:
             logging.warning("reference.sync_every is set: the synced reference is not checkpointed; it restarts "
                             "from the initial policy on resume")
-        return int(self.state.step)
 
-    def run(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Train to ``config.steps`` (resuming if a checkpoint exists); returns (first eval, last eval)."""
-        config = self.config
-        ckpt = Checkpoints(checkpoint_dir(config, self.workdir), every=config.checkpoint.every,
-                           keep=config.checkpoint.keep, async_save=config.checkpoint.get("async_save", True))
-        start = self.restore(ckpt)
-        logger = MetricLogger(self.workdir, start_step=start)
+    def evaluate(self) -> dict[str, float]:
+        return self.evaluator(self.state.params)
+
+    def run(self, data_counts: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+        """Train to ``config.steps`` (resuming if a checkpoint exists); returns (first eval, last eval).
+        ``data_counts`` (rows skipped per split) go to metrics.jsonl as split "data"."""
         initial = self.evaluator(self.ref_params)
-        if start == 0:
-            logger.write(0, initial, split="eval")
-        last = initial
-        bar = tqdm(total=config.steps, initial=start, disable=jax.process_index() != 0, desc="sail",
-                   dynamic_ncols=True)
-        for step in range(start, config.steps):
-            metrics = self.step(step)
-            done = step + 1
-            if done % config.log_every == 0 or done == config.steps:
-                values = logger.write(done, metrics)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", gen=f"{values.get('gen/time_share', 0):.0%}")
-            if done % config.eval_every == 0 or done == config.steps:
-                last = logger.write(done, self.evaluator(self.state.params), split="eval")
-                bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.2f}")
-            ckpt.maybe_save(done, self.state, self.checkpoint_extra(), force=done == config.steps)
-            bar.update(1)
-        bar.close()
-        ckpt.close()
-        logger.close()
-        return initial, last
+        return initial, drive(self, self.config, self.workdir, desc="sail",
+                              step0={"eval": initial, "data": data_counts or {}})

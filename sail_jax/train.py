@@ -9,8 +9,14 @@ keys as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
+import logging
 import json
 import os
+import re
+import sys
 import time
 from typing import Any, Callable
 
@@ -24,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sail_jax.errors import UserError
 from sail_jax.optim import learning_rate
 from sail_jax.sharding import batch_sharding, opt_state_shardings, param_shardings
 
@@ -99,31 +106,99 @@ def checkpoint_dir(config, workdir: str) -> str:
     return config.checkpoint.get("dir") or os.path.join(workdir, "checkpoints")
 
 
+class CheckpointError(UserError):
+    pass
+
+
+def _one_line(error: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(error).split(". See full TensorStore details")[0].split())
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+# What tensorstore's late read callbacks print when orbax gave up on a damaged checkpoint and closed
+# its event loop: hundreds of identical tracebacks around the one error that matters.
+_LOOP_NOISE = re.compile(r"^\s*(\^+)?\s*$|Traceback \(most recent call last\):|asyncio/base_events\.py|"
+                         r"self\._check_closed\(\)|RuntimeError\('Event loop is closed'\)|Event loop is closed|"
+                         r"sys\.meta_path is None")
+
+
+@contextlib.contextmanager
+def _without_loop_noise():
+    """Hold back stderr while restoring; on failure drop the closed-loop noise and keep the rest."""
+    real, held = sys.stderr, io.StringIO()
+    failed = []
+    sys.stderr = held
+    try:
+        yield failed
+    finally:
+        if failed:
+            _silence_abandoned_reads()
+            time.sleep(0.5)  # reads still in flight when orbax gave up report here
+            gc.collect()  # and their abandoned tasks, now
+        sys.stderr = real
+        lines = held.getvalue().splitlines(keepends=True)
+        real.write("".join(x for x in lines if not (failed and _LOOP_NOISE.search(x))))
+        real.flush()
+
+
+def _silence_abandoned_reads():
+    """The reads orbax abandoned also report when collected ("Task exception was never retrieved",
+    "Exception ignored in: <coroutine ...>"), up to interpreter exit; only those are dropped."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _LOOP_NOISE.search(str(unraisable.exc_value)) and "reading array index" not in str(unraisable.exc_value):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 class Checkpoints:
     """orbax ``CheckpointManager``: the train state plus a JSON blob (data iterator position, counters).
 
     Saves every ``every`` steps and at the end, keeps the last ``keep``, writes asynchronously.
     A checkpoint only becomes visible once complete, so a run killed mid-save resumes from the
-    previous one.
+    previous one; one damaged later (truncated files, a missing item) is reported and skipped.
     """
 
     def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
         self.every = every
+        self.directory = directory if "://" in directory else os.path.abspath(directory)  # gs://... stays remote
         self.manager = ocp.CheckpointManager(
-            directory if "://" in directory else os.path.abspath(directory),  # gs://... stays remote
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def restore(self, abstract_state) -> tuple[Any, dict] | None:
-        step = self.manager.latest_step()
-        if step is None:
-            return None
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
-        return out["state"], out["extra"]
+        """The newest readable checkpoint; unreadable newer ones are reported (one line each) and deleted,
+        as the resumed run writes those steps again. None readable: ``CheckpointError``, nothing deleted."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        unreadable = []
+        for step in steps:
+            with _without_loop_noise() as failed:
+                try:
+                    out = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
+                except Exception as e:  # noqa: BLE001 - whatever makes a checkpoint unreadable, the next is tried
+                    failed.append(e)
+            if failed:
+                reason = _one_line(failed[0])
+                unreadable.append((step, reason))
+                print(f"checkpoint step {step} at {self.directory}/{step} is unreadable ({reason}); "
+                      "trying the previous one", file=sys.stderr)
+                continue
+            for bad, _ in unreadable:
+                self.manager.delete(bad)
+            return out["state"], out["extra"]
+        if unreadable:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory} (steps {[s for s, _ in unreadable]}; newest: "
+                f"{unreadable[0][1]}). If the config changed (model, mesh, optimizer), use the old config or a new "
+                "workdir; to start over, delete that directory.")
+        return None
 
     def maybe_save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
         if not force and (self.every <= 0 or step % self.every):

@@ -9,12 +9,13 @@ import jax
 
 from sail_jax.data.pipeline import SOURCES
 from sail_jax.data.records import ON_ERROR
+from sail_jax.errors import UserError
 from sail_jax.losses import LOSS_TYPES
 from sail_jax.optim import OPTIMIZERS, SCHEDULES
 from sail_jax.sharding import AXES, resolve_axis_sizes
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that cannot work."""
 
 
@@ -58,10 +59,11 @@ def validate_optim(optim) -> None:
              f"config.optim.learning_rate={optim.learning_rate!r} must be a finite number >= 0")
 
 
-def _validate_run(config) -> None:
+def _validate_run(config, *, task_builds_model: bool = False) -> None:
     """What every training run needs: a model folder, loop lengths, checkpoints, optimizer, mesh and batches."""
-    _require(bool(config.model.path), "config.model.path is empty: point it at a local Hugging Face model folder")
-    _require(os.path.isdir(config.model.path), f"config.model.path={config.model.path!r} is not a folder")
+    if not task_builds_model:
+        _require(bool(config.model.path), "config.model.path is empty: point it at a local Hugging Face model folder")
+        _require(os.path.isdir(config.model.path), f"config.model.path={config.model.path!r} is not a folder")
     validate_model_options(config.model)
     for key in ("steps", "log_every", "eval_every"):
         _require(int(config[key]) >= 1, f"config.{key}={config[key]!r} must be >= 1")
@@ -69,6 +71,23 @@ def _validate_run(config) -> None:
     _require(int(config.checkpoint.keep) >= 1, "config.checkpoint.keep must be >= 1")
     validate_optim(config.optim)
     validate_mesh_and_batches(config, "batch_size", "eval_batch_size")
+
+
+def _validate_paths(config, *, data: bool) -> None:
+    """Every file or folder the config names exists (data files only where the user gives them)."""
+    d = config.data
+    _require(d.source in SOURCES, f"config.data.source={d.source!r} is unknown; valid: {list(SOURCES)}")
+    _require(d.get("on_error", "raise") in ON_ERROR, f"config.data.on_error={d.on_error!r}; valid: {list(ON_ERROR)}")
+    if data and d.source == "jsonl":
+        _require(bool(d.train_path), "config.data.train_path is empty: set it to a JSONL file of training records")
+        for key in ("train_path", "eval_path"):
+            _require(not d[key] or os.path.isfile(d[key]), f"config.data.{key}={d[key]!r}: no such file")
+    folders = [("model.tokenizer_path", config.model.get("tokenizer_path", "")),
+               ("reference.path", config.get("reference", {}).get("path", "")),
+               ("reward.path", config.get("reward", {}).get("path", "")),
+               ("reward.eval_path", config.get("reward", {}).get("eval_path", ""))]
+    for key, path in folders:
+        _require(not path or "://" in path or os.path.isdir(path), f"config.{key}={path!r}: no such folder")
 
 
 def _validate_preference_loss(loss) -> None:
@@ -81,9 +100,8 @@ def validate_training_config(config) -> None:
 
     _require(config.recipe in RECIPES, f"config.recipe={config.recipe!r}: valid offline recipes {sorted(RECIPES)}")
     _validate_run(config)
+    _validate_paths(config, data=True)
     d = config.data
-    _require(d.source in SOURCES, f"config.data.source={d.source!r} is unknown; valid: {list(SOURCES)}")
-    _require(d.get("on_error", "raise") in ON_ERROR, f"config.data.on_error={d.on_error!r}; valid: {list(ON_ERROR)}")
     _require(0 < d.max_prompt_length < d.max_length,
              f"config.data: need 0 < max_prompt_length ({d.max_prompt_length}) < max_length ({d.max_length})")
     if config.recipe == "dpo":
@@ -96,12 +114,20 @@ def validate_training_config(config) -> None:
 
 
 def validate_online_config(config) -> None:
-    """The online loop's config (../shared/SAIL.md): routes, coefficients, sampling and the buffer."""
+    """The online loop's config (../shared/SAIL.md): routes, coefficients, sampling and the buffer.
+    With no ``model.path``, the task named by ``task.name`` builds the model and data (checked here,
+    before it is built)."""
     from sail_jax.labeling import LABEL_MODES, PAIR_SELECTION
     from sail_jax.sail_terms import BASELINES, SCORE_TERMS
     from sail_jax.rewards import REWARD_KINDS
+    from sail_jax.tasks import TASK_NAMES
 
-    _validate_run(config)
+    task_builds_model = not config.model.path
+    if task_builds_model:
+        name = config.get("task", {}).get("name", "builtin")
+        _require(name in TASK_NAMES, f"config.task.name={name!r} is unknown; valid: {list(TASK_NAMES)}")
+    _validate_run(config, task_builds_model=task_builds_model)
+    _validate_paths(config, data=not task_builds_model)
     _validate_preference_loss(config.loss)
     s, g = config.sail, config.generation
     probs = {k: float(s[k]) for k in ("p_dp", "p_pp", "p_pr")}
@@ -143,3 +169,15 @@ def validate_online_config(config) -> None:
     _require(int(config.checkpoint.every) % block == 0,
              f"config.checkpoint.every={config.checkpoint.every} must be a multiple of generation.interval x reuse "
              f"= {block}, so checkpoints fall between generation blocks (exact resume)")
+
+
+def validate_config(config) -> None:
+    """The whole config of any recipe, before any task is built or model loaded."""
+    from sail_jax.recipes import RECIPES
+
+    _require(config.get("recipe") in RECIPES, f"config.recipe={config.get('recipe')!r} is unknown; valid: "
+                                              f"{sorted(RECIPES)}")
+    if config.recipe == "sail":
+        validate_online_config(config)
+    elif config.recipe != "score_pairs":
+        validate_training_config(config)

@@ -87,6 +87,17 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
              "chosen": f" {rng.choice(GOOD)}.", "rejected": f" {rng.choice(BAD)}."} for _ in range(n)]
 
 
+def dpo_command(workdir, model, train, evalp, *extra) -> list[str]:
+    """The CLI on an offline DPO run of the tiny checkpoint (run from the repository root)."""
+    import sys
+
+    return [sys.executable, "-m", "sail_jax.cli", "--config=configs/dpo.py", f"--workdir={workdir}",
+            f"--config.model.path={model}", f"--config.data.train_path={train}",
+            f"--config.data.eval_path={evalp}", "--config.data.max_prompt_length=40", "--config.data.max_length=48",
+            "--config.batch_size=8", "--config.eval_batch_size=16", "--config.optim.learning_rate=3e-3",
+            *extra]
+
+
 def write_jsonl(path, rows) -> str:
     import json
 

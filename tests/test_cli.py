@@ -27,7 +27,8 @@ def test_cli_scores_pairs_end_to_end_with_the_builtin_model(tmp_path):
 
 
 def test_unknown_recipe_lists_valid_ones():
+    from sail_jax.errors import UserError
     from sail_jax.recipes import get_recipe
 
-    with pytest.raises(ValueError, match=r"config.recipe='ppo' is unknown; valid: \['dpo', 'reward', 'sail', 'score_pairs', 'sft'\]"):
+    with pytest.raises(UserError, match=r"config.recipe='ppo' is unknown; valid: \['dpo', 'reward', 'sail', 'score_pairs', 'sft'\]"):
         get_recipe("ppo")

@@ -77,12 +77,12 @@ def loop(tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("online")
     config = sail_config("sail_mixed")
     config.model.path = tiny_checkpoint
-    config.data.max_prompt_length, config.data.max_response_length = 16, 12
+    config.data.max_prompt_length, config.data.max_response_length = 40, 12
     config.generation.max_new_tokens, config.sail.num_samples = 10, 3  # < max_response_length: padded
     config.batch_size, config.eval_batch_size = 16, 16
     tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
     rows = synthetic_pairs(64)
-    enc = encode_online(Records(rows), tokenizer, max_prompt_length=16, max_response_length=12)
+    enc = encode_online(Records(rows), tokenizer, max_prompt_length=40, max_response_length=12)
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     # Reward: response length in tokens' characters, so PR labels are checkable and ties happen.
     reward = OracleReward(lambda prompt, response: float(len(response.split())))
@@ -161,7 +161,8 @@ def test_every_variant_config_validates():
 
     for name in VARIANTS:
         config = sail_config(name)
-        config.model.path = REPO  # any folder: only the config values are checked here
+        config.model.path = REPO  # any folder and file: only the config values are checked here
+        config.data.train_path = os.path.join(REPO, "README.md")
         validate_online_config(config)
     config.sail.p_pp, config.sail.p_pr = 0.8, 0.5
     with pytest.raises(ConfigError, match="sum to <= 1"):

@@ -11,26 +11,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from tqdm import tqdm
 
 from sail_jax.configs import model_options
 from sail_jax.data.pipeline import Encoded, encode_preference, encode_sft, eval_batches, load_records, train_iterator
+from sail_jax.driver import drive
 from sail_jax.models import load_pretrained, save_pretrained
 from sail_jax.objectives import make_dpo_objective, reference_logps, reward_objective, sft_objective
 from sail_jax.optim import make_optimizer
+from sail_jax.progress import bar, say
 from sail_jax.sharding import make_mesh, shard_batch, sharding_fn
 from sail_jax.tokenization import Tokenizer
-from sail_jax.train import (Checkpoints, MetricLogger, abstract_like, checkpoint_dir, create_train_state, frozen_copy,
-                            make_eval_step, make_train_step, mean_metrics)
+from sail_jax.train import create_train_state, frozen_copy, make_eval_step, make_train_step, mean_metrics
 from sail_jax.validation import validate_training_config
+from sail_jax.workdir import write_summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _precompute_reference(config, workdir, graphdef, ref_params, mesh, datasets)
                     enc.arrays["ref_chosen_logps"], enc.arrays["ref_rejected_logps"] = f["chosen"], f["rejected"]
                     continue
         chosen, rejected = [], []
-        for batch in eval_batches(enc.arrays, config.eval_batch_size):
+        for batch in bar(eval_batches(enc.arrays, config.eval_batch_size), f"reference log-probs ({name})"):
             c, r = fn(ref_params, shard_batch(batch, mesh))
             chosen.append(np.asarray(c))
             rejected.append(np.asarray(r))
@@ -82,6 +82,28 @@ def _precompute_reference(config, workdir, graphdef, ref_params, mesh, datasets)
         enc.arrays["ref_rejected_logps"] = np.concatenate(rejected)[:n]
         if jax.process_index() == 0:
             np.savez(cache, chosen=enc.arrays["ref_chosen_logps"], rejected=enc.arrays["ref_rejected_logps"])
+
+
+@dataclasses.dataclass
+class OfflineTrainer:
+    """What ``drive`` needs of an offline recipe: the state, a step on the next batch, an evaluation."""
+
+    state: Any
+    shardings: Any
+    batches: Any  # grain iterator (its position is checkpointed)
+    mesh: Any
+    train_step: Callable
+    evaluate: Callable[[], dict[str, float]]
+
+    def step(self, step: int) -> dict:
+        self.state, metrics = self.train_step(self.state, shard_batch(next(self.batches), self.mesh))
+        return metrics
+
+    def checkpoint_extra(self) -> dict:
+        return {"data": self.batches.get_state()}
+
+    def load_extra(self, extra: dict) -> None:
+        self.batches.set_state(extra["data"])
 
 
 def evaluate(eval_step, params, frozen, batches, mesh) -> dict[str, float]:
@@ -97,6 +119,7 @@ def run(config, workdir: str) -> dict[str, float]:
     validate_training_config(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(dict(config.mesh))
+    say(f"{config.recipe}: loading the data and the model ({config.model.path})")
     tokenizer = Tokenizer.from_pretrained(config.model.tokenizer_path or config.model.path)
     train_data = _encode(config, recipe, tokenizer, "train")
     eval_data = _encode(config, recipe, tokenizer, "eval") if _has_eval(config) else None
@@ -117,36 +140,31 @@ def run(config, workdir: str) -> dict[str, float]:
                              process_index=index, process_count=processes)
     eval_set = (eval_batches(eval_data.arrays, config.eval_batch_size // processes, process_index=index,
                              process_count=processes) if eval_data else [])
-    ckpt = Checkpoints(checkpoint_dir(config, workdir), every=config.checkpoint.every,
-                       keep=config.checkpoint.keep, async_save=config.checkpoint.get("async_save", True))
-    restored = ckpt.restore(abstract_like(state, shardings))
-    if restored is not None:
-        state, extra = restored
-        batches.set_state(extra["data"])
-        logging.info("resumed from step %d", int(state.step))
-    start = int(state.step)
-    logger = MetricLogger(workdir, start_step=start)
-    final: dict[str, float] = {}
-    bar = tqdm(total=config.steps, initial=start, disable=index != 0, desc=config.recipe, dynamic_ncols=True)
-    t0 = time.time()
-    for step in range(start, config.steps):
-        state, metrics = train_step(state, shard_batch(next(batches), mesh), frozen)
-        done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
-            values = logger.write(done, {**metrics, "steps_per_second": (done - start) / (time.time() - t0)})
-            bar.set_postfix(loss=f"{values['loss']:.4f}")
-        if eval_set and (done % config.eval_every == 0 or done == config.steps):
-            final = logger.write(done, evaluate(eval_step, state.params, frozen, eval_set, mesh), split="eval")
-        ckpt.maybe_save(done, state, {"data": batches.get_state()}, force=done == config.steps)
-        bar.update(1)
-    bar.close()
-    ckpt.close()
-    logger.close()
-    if config.get("export", True):  # every process: sharded parameters are gathered collectively
-        export = os.path.join(workdir, "export")
-        save_pretrained(nnx.merge(graphdef, state.params), export, tokenizer=tokenizer)
-        logging.info("exported the trained model to %s", export)
+    trainer = OfflineTrainer(state, shardings, batches, mesh, lambda s, b: train_step(s, b, frozen),
+                             lambda: evaluate(eval_step, trainer.state.params, frozen, eval_set, mesh))
+    skipped = {"train": train_data.skipped, "eval": eval_data.skipped if eval_data else 0}
+    final = drive(trainer, config, workdir, desc=config.recipe,
+                  step0={"data": {f"skipped/{k}": float(v) for k, v in skipped.items()}})
+    export = os.path.join(workdir, "export") if config.get("export", True) else None
+    if export:  # every process: sharded parameters are gathered collectively
+        save_pretrained(nnx.merge(graphdef, trainer.state.params), export, tokenizer=tokenizer)
+    if jax.process_index() == 0:
+        text = summary_text(config.recipe, int(config.steps), final, skipped, export)
+        write_summary(workdir, {"recipe": config.recipe, "steps": int(config.steps), "final": final,
+                                "skipped_rows": skipped, "export": export}, text)
+        print("\n" + text)
     return final
+
+
+def summary_text(recipe: str, steps: int, final: dict[str, float], skipped: dict[str, int], export: str | None) -> str:
+    """What an offline run prints at the end (and a rerun of the finished run prints again)."""
+    lines = [f"{recipe}: {steps} steps done."]
+    if final:
+        lines.append("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
+    if any(skipped.values()):
+        lines.append("skipped rows (data.on_error=skip): " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    lines.append(f"exported to {export}" if export else "not exported (config.export=False)")
+    return "\n".join(lines)
 
 
 def _has_eval(config) -> bool:

@@ -17,14 +17,17 @@ from sail_jax.configs import model_options
 from sail_jax.data.pipeline import encode_online, load_records, train_iterator
 from sail_jax.models import load_pretrained, save_pretrained
 from sail_jax.online import OnlineLoop
+from sail_jax.progress import say
 from sail_jax.rewards import make_eval_reward_source, make_reward_source
 from sail_jax.sharding import make_mesh, sharding_fn
 from sail_jax.tasks.prepare import prepare_task
 from sail_jax.tokenization import Tokenizer
 from sail_jax.validation import validate_online_config
+from sail_jax.workdir import write_summary
 
 
 def run(config, workdir: str) -> dict:
+    validate_online_config(config)  # before the task is built: bad values fail before any work
     os.makedirs(workdir, exist_ok=True)
     if not config.reward.kind:
         config.reward.kind = config.task.get("name", "builtin")  # the task's own oracle
@@ -32,8 +35,8 @@ def run(config, workdir: str) -> dict:
     if builtin:
         paths = prepare_task(config, workdir)
         config.model.path, config.data.train_path, config.data.eval_path = paths["model"], paths["train"], paths["eval"]
-    validate_online_config(config)
     mesh = make_mesh(dict(config.mesh))
+    say(f"loading the data and the policy ({config.model.path})")
     tokenizer = Tokenizer.from_pretrained(config.model.tokenizer_path or config.model.path)
     d = config.data
     encoded, records = {}, {}
@@ -54,7 +57,7 @@ def run(config, workdir: str) -> dict:
         eval_reward_source=eval_reward_source,
         evaluator_args={"prompts": eval_prompts, "eval_arrays": encoded["eval"].arrays,
                         "batch_size": config.eval_batch_size})
-    initial, final = loop.run()
+    initial, final = loop.run({f"skipped/{k}": float(v.skipped) for k, v in encoded.items()})
     summary = {"variant": config.get("variant", ""), "steps": config.steps,
                "reference": {k: initial[k] for k in ("reward", "score", "finished", "win_rate", "kl", "distinct_2")},
                "final": {k: final[k] for k in ("reward", "score", "finished", "win_rate", "kl", "distinct_2",
@@ -63,10 +66,10 @@ def run(config, workdir: str) -> dict:
                "generation_share": loop.seconds["generation"] / max(loop.seconds["steps"], 1e-9)}
     save_pretrained(loop.export_model(), os.path.join(workdir, "export"), tokenizer=tokenizer)  # collective
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        text = summary_text(summary, loop.evaluator.sample_table(), builtin)
+        write_summary(workdir, summary, text)
         _plot(workdir)
-        print("\n" + summary_text(summary, loop.evaluator.sample_table(), builtin))
+        print("\n" + text)
     return summary
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import os
 
-from absl import logging
-
 from sail_jax.models import ModelConfig, build_model, save_pretrained
+from sail_jax.progress import say
 from sail_jax.tokenization import train_bpe_tokenizer
 
 MODEL_DIR = os.path.join("sft", "export")
@@ -44,6 +43,6 @@ def build_sft_policy(config, root: str, *, corpus: list[str], sft_records: list[
         sft_cfg.batch_size, sft_cfg.steps, sft_cfg.log_every = 32, config.task.sft_steps, 50
         sft_cfg.optim.learning_rate, sft_cfg.optim.warmup_steps = 3e-3, 20
         sft_cfg.checkpoint.every = 0
-        logging.info("%s task: SFT warm start (%d steps) in %s", name, config.task.sft_steps, sft)
+        say(f"task: SFT warm start of a new tiny policy ({config.task.sft_steps} steps) in {sft}")
         run_offline(sft_cfg, sft)
     return path

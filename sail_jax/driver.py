@@ -1,0 +1,144 @@
+"""The one training loop every recipe runs: resume, steps, logging, evaluation, checkpoints, and a
+clean stop on SIGTERM/SIGINT.
+
+A recipe supplies a ``Trainer`` (its state and what one step, one evaluation and a checkpoint's extra
+data are); ``drive`` owns everything around it, so the offline recipes and the SAIL loop resume,
+log, checkpoint and stop the same way.
+
+Stopping: the first SIGTERM (what a preempted TPU VM or a GPU scheduler sends) or SIGINT (Ctrl-C)
+finishes the current step, saves a checkpoint and raises ``Stopped``; a second one exits at once.
+In a multi-process run the processes agree on the step to stop at (a signal seen by any process
+stops all), since saving is collective.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from sail_jax.errors import Stopped, UserError
+from sail_jax.train import Checkpoints, MetricLogger, abstract_like, checkpoint_dir
+
+
+class Trainer(Protocol):
+    state: Any  # TrainState: what checkpoints hold
+    shardings: Any  # its shardings (what a checkpoint is restored into)
+
+    def step(self, step: int) -> dict[str, Any]: ...  # one update; its metrics
+
+    def evaluate(self) -> dict[str, float]: ...  # the current policy's eval metrics ({} if none)
+
+    def checkpoint_extra(self) -> dict: ...  # host state beside the train state (data position, ...)
+
+    def load_extra(self, extra: dict) -> None: ...
+
+
+class StopSignals:
+    """SIGTERM/SIGINT handlers for the loop's duration: the first asks for a stop, a second exits."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            print(f"\n{name} again: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{name}: saving a checkpoint after this step, then stopping (send it again to exit at once)",
+              file=sys.stderr, flush=True)
+
+    def requested(self) -> int | None:
+        """The signal to stop on, the same on every process (a collective in multi-process runs)."""
+        if jax.process_count() == 1:
+            return self.signum
+        seen = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        return int(np.max(seen)) or None
+
+
+def drive(trainer: Trainer, config, workdir: str, *, desc: str,
+          step0: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+    """Train ``trainer`` to ``config.steps`` from the workdir's newest readable checkpoint; returns the
+    last evaluation (of the final policy, also when there was nothing left to train). ``step0``:
+    rows logged at step 0 of a fresh run, by split (the initial evaluation, the data's skip counts)."""
+    ckpt = Checkpoints(checkpoint_dir(config, workdir), every=config.checkpoint.every, keep=config.checkpoint.keep,
+                       async_save=config.checkpoint.get("async_save", True))
+    restored = ckpt.restore(abstract_like(trainer.state, trainer.shardings))
+    if restored is not None:
+        trainer.state, extra = restored
+        trainer.load_extra(extra)
+    start, steps = int(trainer.state.step), int(config.steps)
+    if start > steps:
+        ckpt.close()
+        raise UserError(f"{ckpt.directory} holds step {start}, past config.steps={steps}; raise steps to at least "
+                        f"{start} or use a new workdir")
+    if start:
+        print(f"{desc}: resuming from step {start} of {steps} ({ckpt.directory})", file=sys.stderr, flush=True)
+    logger = MetricLogger(workdir, start_step=start)
+    for split, values in (step0 or {}).items():
+        if start == 0 and values:
+            logger.write(0, values, split=split)
+    last: dict[str, float] | None = None
+    bar = tqdm(total=steps, initial=start, disable=jax.process_index() != 0, desc=desc, dynamic_ncols=True)
+    t0 = time.time()
+    with StopSignals() as signals:
+        for step in range(start, steps):
+            metrics = trainer.step(step)
+            done = step + 1
+            if done % config.log_every == 0 or done == steps:
+                values = logger.write(done, {**metrics, "steps_per_second": (done - start) / (time.time() - t0)})
+                bar.set_postfix(_train_postfix(values))
+            if done % config.eval_every == 0 or done == steps:
+                last = trainer.evaluate()
+                if last:
+                    last = logger.write(done, last, split="eval")
+                    bar.set_postfix(_eval_postfix(last))
+            stop = signals.requested()
+            ckpt.maybe_save(done, trainer.state, trainer.checkpoint_extra(), force=done == steps or stop is not None)
+            bar.update(1)
+            if stop is not None and done < steps:
+                bar.close()
+                ckpt.close()
+                logger.close()
+                raise Stopped(stop, done, ckpt.directory)
+    bar.close()
+    ckpt.close()
+    logger.close()
+    if last is None:  # nothing was left to train (a finished run resumed): evaluate what it ended with
+        last = trainer.evaluate()
+    return last
+
+
+def _train_postfix(values: dict[str, float]) -> dict[str, str]:
+    out = {"loss": f"{values['loss']:.4f}"}
+    if "gen/time_share" in values:
+        out["gen"] = f"{values['gen/time_share']:.0%}"
+    return out
+
+
+def _eval_postfix(values: dict[str, float]) -> dict[str, str]:
+    if "reward" in values:
+        return {"reward": f"{values['reward']:.3f}", "kl": f"{values['kl']:.2f}"}
+    return {"eval_loss": f"{values['loss']:.4f}"} if "loss" in values else {}

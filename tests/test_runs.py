@@ -1,0 +1,207 @@
+"""Runs a researcher can trust, tested with real processes, signals and files: rerun of a finished run,
+resume with a changed config, the workdir lock, checkpoint fallback, SIGTERM/SIGKILL and resume,
+strict data, and user errors without tracebacks."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import dpo_command, synthetic_pairs, write_jsonl
+from safetensors.numpy import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "XLA_FLAGS": ""}  # one CPU device per run
+STEPS = ("--config.steps=200", "--config.checkpoint.every=50", "--config.log_every=1", "--config.eval_every=100")
+
+
+@pytest.fixture(scope="module")
+def data(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {"model": tiny_checkpoint, "train": write_jsonl(root / "train.jsonl", synthetic_pairs(64, 1)),
+            "eval": write_jsonl(root / "eval.jsonl", synthetic_pairs(16, 2))}
+
+
+def _cmd(data, workdir, *extra, train=None):
+    return dpo_command(workdir, data["model"], train or data["train"], data["eval"], *STEPS, *extra)
+
+
+def _run(cmd) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _same_export(a, b) -> bool:
+    x, y = (load_file(str(p / "export" / "model.safetensors")) for p in (a, b))
+    return x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def _copy_unfinished(src, dst):
+    """The finished run's workdir as it was before its end: no export, no summary."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "export")
+    for name in ("summary.json", "summary.txt"):
+        (dst / name).unlink()
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """The uninterrupted run every other run is compared with."""
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    out = _run(_cmd(data, workdir))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return workdir
+
+
+def test_rerun_of_a_finished_run_prints_its_summary_and_touches_nothing(data, finished):
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in finished.rglob("*")}
+    out = _run(_cmd(data, finished))
+    assert out.returncode == 0, out.stderr
+    assert "holds a finished run of this config (200 steps)" in out.stdout
+    assert (finished / "summary.txt").read_text() in out.stdout and "exported to" in out.stdout
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in finished.rglob("*")} == before
+
+
+def test_resume_with_a_changed_config_is_refused_naming_each_changed_key(data, finished, tmp_path):
+    work = tmp_path / "run"
+    _copy_unfinished(finished, work)
+    out = _run(_cmd(data, work, "--config.optim.learning_rate=1e-3", "--config.batch_size=16"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "optim.learning_rate: 0.003 -> 0.001" in out.stderr and "batch_size: 8 -> 16" in out.stderr
+    assert "--allow_config_change" in out.stderr and not (work / "export").exists()
+    # Cadence may change freely: a longer run with sparser logs resumes and ends at the new length.
+    out = _run(_cmd(data, work, "--config.steps=210", "--config.log_every=5"))
+    assert out.returncode == 0, out.stderr
+    assert "resuming from step 200 of 210" in out.stderr
+    assert json.loads((work / "summary.json").read_text())["steps"] == 210
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused_and_a_dead_runs_lock_taken_over(data, tmp_path):
+    from sail_jax.workdir import WorkdirLock
+
+    work = tmp_path / "run"
+    lock = WorkdirLock(str(work))
+    assert lock.acquire() is None
+    out = _run(_cmd(data, work))
+    lock.release()
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"in use by a running job (host {os.uname().nodename}, pid {os.getpid()}" in out.stderr
+    assert not (work / "metrics.jsonl").exists()
+    (work / ".lock").write_text("host gone, pid 999999, since 2026-11-23 00:00:00")  # its process died
+    out = _run(_cmd(data, work, "--config.steps=2"))
+    assert out.returncode == 0, out.stderr
+    assert "took over the lock" in out.stderr and "pid 999999" in out.stderr
+    assert not (work / ".lock").exists()
+
+
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(data, finished, tmp_path):
+    work = tmp_path / "run"
+    _copy_unfinished(finished, work)
+    for f in (work / "checkpoints" / "200" / "state").rglob("d/*"):
+        f.write_bytes(f.read_bytes()[:10])  # truncated array data
+    out = _run(_cmd(data, work))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"checkpoint step 200 at {work / 'checkpoints' / '200'} is unreadable (" in out.stderr
+    assert "resuming from step 150 of 200" in out.stderr
+    assert "Event loop is closed" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert _same_export(finished, work)
+    # Nothing readable: one error naming the directory, exit 2, nothing deleted.
+    shutil.rmtree(work / "export")
+    (work / "summary.json").unlink()
+    for step in ("100", "150", "200"):
+        shutil.rmtree(work / "checkpoints" / step / "state")
+    out = _run(_cmd(data, work))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"no readable checkpoint in {work / 'checkpoints'} (steps [200, 150, 100]" in out.stderr
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["100", "150", "200"]
+
+
+def _interrupt(cmd, workdir, sig, at_rows: int) -> subprocess.Popen:
+    """Start ``cmd``; send ``sig`` once metrics.jsonl has ``at_rows`` rows."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and sum(1 for _ in metrics.open()) >= at_rows:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    return proc
+
+
+def test_sigterm_mid_run_saves_a_checkpoint_and_the_rerun_equals_the_uninterrupted_run(data, finished, tmp_path):
+    work = tmp_path / "run"
+    proc = _interrupt(_cmd(data, work), work, signal.SIGTERM, at_rows=int(np.random.randint(5, 40)))
+    t0 = time.time()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert time.time() - t0 < 30 and "Traceback" not in stderr
+    stopped = int(stderr.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert stopped < 200 and (work / "checkpoints" / str(stopped)).is_dir()
+    assert not (work / "export").exists()
+    out = _run(_cmd(data, work))
+    assert out.returncode == 0 and f"resuming from step {stopped} of 200" in out.stderr, out.stderr[-2000:]
+    assert _same_export(finished, work)
+    steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").open() if '"train"' in line]
+    assert steps == list(range(1, 201))
+
+
+def test_sigkill_mid_run_then_rerun_gives_bitwise_identical_params(data, finished, tmp_path):
+    work = tmp_path / "run"
+    proc = _interrupt(_cmd(data, work), work, signal.SIGKILL, at_rows=int(np.random.randint(60, 180)))
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (work / "export").exists()
+    out = _run(_cmd(data, work))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "took over the lock" in out.stderr  # the killed run could not release it
+    assert _same_export(finished, work)
+
+
+def test_an_over_long_or_empty_row_raises_naming_file_and_line_or_is_skipped_and_counted(data, tmp_path):
+    rows = synthetic_pairs(32, 3)
+    rows[2]["chosen"] = " red" * 40  # far over max_length=48 with its prompt
+    text = "".join(json.dumps(r) + "\n" for r in rows[:2]) + "\n" + "".join(json.dumps(r) + "\n" for r in rows[2:])
+    train = tmp_path / "train.jsonl"
+    train.write_text(text)  # the blank line makes row 2 the file's line 4
+    out = _run(_cmd(data, tmp_path / "a", train=train))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{train}:4: prompt + response = " in out.stderr and "data.on_error=skip" in out.stderr
+    out = _run(_cmd(data, tmp_path / "b", "--config.data.on_error=skip", "--config.steps=2", train=train))
+    assert out.returncode == 0, out.stderr[-2000:]
+    first = json.loads((tmp_path / "b" / "metrics.jsonl").open().readline())
+    assert first["split"] == "data" and first["skipped/train"] == 1 and first["skipped/eval"] == 0
+    assert "skipped rows (data.on_error=skip): train 1, eval 0" in out.stdout
+    rows[2]["chosen"] = ""
+    write_jsonl(train, rows)
+    out = _run(_cmd(data, tmp_path / "c", train=train))
+    assert out.returncode == 2 and f"{train}:3: field 'chosen' must be a non-empty string" in out.stderr
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.optim.nmae=adamw", "--config.optim.nmae: the config has no key 'nmae'. Did you mean \"name\""),
+    ("--config.optim.name=adamax", "config.optim.name='adamax' is unknown; valid:"),
+    ("--config.data.eval_path=/no/such.jsonl", "config.data.eval_path='/no/such.jsonl': no such file"),
+    ("--config.optim.learning_rate=abc", "--config.optim.learning_rate=abc: could not convert string to float"),
+    ("--config.nosuch.key=1", "--config.nosuch.key: the config has no key 'nosuch'"),
+    ("--config=configs/nope.py", "configs/nope.py [Errno 2] No such file or directory"),
+])
+def test_user_errors_print_one_message_and_exit_2(data, tmp_path, flag, message):
+    out = _run(_cmd(data, tmp_path / "run", flag))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith("error: ") and message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) <= 3, out.stderr
+
+
+def test_the_sail_recipe_fails_on_a_bad_value_before_building_its_task(tmp_path):
+    t0 = time.time()
+    out = _run([sys.executable, "-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--workdir={tmp_path}",
+                "--config.optim.name=adamax"])
+    assert out.returncode == 2 and "config.optim.name='adamax' is unknown" in out.stderr
+    assert time.time() - t0 < 30 and not (tmp_path / "task").exists()
+    out = _run([sys.executable, "-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--workdir={tmp_path}",
+                "--debug", "--config.optim.name=adamax"])
+    assert out.returncode != 0 and "Traceback" in out.stderr  # --debug shows where
