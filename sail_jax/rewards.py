@@ -50,7 +50,8 @@ class ModelReward:
         self._score = jax.jit(lambda params, ids, mask: nnx.merge(self.graphdef, params)(ids, mask))
 
     def __call__(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
-        pairs = [self.tokenizer.encode_pair(p, r, max_prompt_length=self.max_length // 2, max_length=self.max_length)
+        pairs = [self.tokenizer.encode_pair(p, r, max_prompt_length=self.max_length // 2,
+                                            max_length=self.max_length, truncate=True)
                  for p, r in zip(prompts, responses)]
         out = []
         for i in range(0, len(pairs), self.batch_size):

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from sail_jax.errors import UserError
+
 Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
 Response = Union[str, Sequence[Message]]
@@ -27,7 +29,7 @@ CHATML_TEMPLATE = (
 )
 
 
-class TruncationError(ValueError):
+class TruncationError(UserError, ValueError):
     """A prompt/response pair does not fit: truncating would drop the whole response."""
 
 
@@ -124,19 +126,24 @@ class Tokenizer:
         return ids + [self.eos_id]
 
     def encode_pair(
-        self, prompt: Prompt, response: Response, *, max_prompt_length: int, max_length: int
+        self, prompt: Prompt, response: Response, *, max_prompt_length: int, max_length: int, truncate: bool = False
     ) -> EncodedPair:
-        """Tokenize one prompt/response; the prompt keeps its last ``max_prompt_length`` tokens and
-        the response is cut to fit ``max_length``. Raises ``TruncationError`` if no response is left."""
-        prompt_ids = self.encode_prompt(prompt)[-max_prompt_length:] if max_prompt_length > 0 else []
+        """Tokenize one prompt/response. Training data is never cut: a prompt over ``max_prompt_length``
+        tokens or a pair over ``max_length`` raises ``TruncationError`` (a cut response teaches the model
+        to stop mid-sentence without EOS). ``truncate``: keep the prompt's last and the response's first
+        tokens instead (a reward model scoring whatever text a policy wrote)."""
+        prompt_ids = self.encode_prompt(prompt) if max_prompt_length > 0 else []
         response_ids = self.encode_response(prompt, response)
-        room = max_length - len(prompt_ids)
-        if room <= 0 or not response_ids:
-            raise TruncationError(
-                f"prompt of {len(prompt_ids)} tokens leaves no room for the response within max_length={max_length}; "
-                "raise max_length or lower max_prompt_length"
-            )
-        return EncodedPair(prompt_ids, response_ids[:room])
+        if truncate:
+            prompt_ids = prompt_ids[-max_prompt_length:] if max_prompt_length > 0 else []
+            response_ids = response_ids[:max(max_length - len(prompt_ids), 1)]
+        if len(prompt_ids) > max_prompt_length:
+            raise TruncationError(f"the prompt has {len(prompt_ids)} tokens > data.max_prompt_length="
+                                  f"{max_prompt_length}; raise it")
+        if len(prompt_ids) + len(response_ids) > max_length:
+            raise TruncationError(f"prompt + response = {len(prompt_ids)} + {len(response_ids)} tokens > "
+                                  f"data.max_length={max_length}; raise it")
+        return EncodedPair(prompt_ids, response_ids)
 
 
 def pad_left(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

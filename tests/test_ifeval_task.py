@@ -96,6 +96,7 @@ def test_sail_recipe_runs_the_ifeval_task_on_a_gguf_model(tmp_path):
     config.task.update(gguf=gguf, dir=str(tmp_path / "task"), preference_eval=8)
     config.update(steps=2, eval_every=2, batch_size=8, eval_batch_size=8)
     config.data.max_response_length = config.generation.max_new_tokens = 16
+    config.data.max_prompt_length = 160  # this tiny tokenizer splits prompts finer than SmolLM2's (<= 74 tokens)
     # A random model rarely finishes, so the offline pairs are written by hand (prepare_task keeps them).
     os.makedirs(config.task.dir)
     with open(os.path.join(config.task.dir, "preferences_train.jsonl"), "w") as f:

@@ -61,17 +61,16 @@ def test_chat_template_splits_exactly_at_the_assistant_turn(tok):
     assert as_messages == pair
 
 
-def test_truncation_keeps_prompt_end_and_response_start(tok):
+def test_nothing_is_cut_an_over_long_prompt_or_pair_raises(tok):
     prompt, response = "the quick brown fox jumps over the lazy dog", " hello world this is a tiny corpus"
     full = tok.encode_pair(prompt, response, max_prompt_length=100, max_length=100)
-    cut = tok.encode_pair(prompt, response, max_prompt_length=3, max_length=7)
-    assert cut.prompt_ids == full.prompt_ids[-3:]
-    assert cut.response_ids == full.response_ids[:4]
-
-
-def test_truncation_that_would_drop_the_response_raises(tok):
-    with pytest.raises(TruncationError, match="no room for the response"):
-        tok.encode_pair("the quick brown fox jumps", " over", max_prompt_length=10, max_length=3)
+    n_prompt, n_response = len(full.prompt_ids), len(full.response_ids)
+    exact = tok.encode_pair(prompt, response, max_prompt_length=n_prompt, max_length=n_prompt + n_response)
+    assert exact == full
+    with pytest.raises(TruncationError, match=f"the prompt has {n_prompt} tokens > data.max_prompt_length"):
+        tok.encode_pair(prompt, response, max_prompt_length=n_prompt - 1, max_length=100)
+    with pytest.raises(TruncationError, match=f"{n_prompt} \\+ {n_response} tokens > data.max_length"):
+        tok.encode_pair(prompt, response, max_prompt_length=100, max_length=n_prompt + n_response - 1)
 
 
 def test_conversation_without_template_is_a_clear_error():

@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 
 from sail_jax.data.records import Records, read_jsonl
+from sail_jax.errors import UserError
 from sail_jax.tokenization import Tokenizer, TruncationError, pack_pairs, pad_left
 
 SOURCES = ("jsonl", "tfds")
@@ -26,7 +27,7 @@ def load_records(data_cfg, split: str, kind: str) -> Records:
     if source == "jsonl":
         path = data_cfg.train_path if split == "train" else data_cfg.eval_path
         if not path:
-            raise ValueError(f"data.{split}_path is empty: set it to a JSONL file of {kind} records")
+            raise UserError(f"config.data.{split}_path is empty: set it to a JSONL file of {kind} records")
         records = read_jsonl(path, kind, on_error)
     elif source == "tfds":
         from sail_jax.data.tfds_builders import read_tfds
@@ -58,12 +59,13 @@ def _encode_all(records: Records, encode_one, on_error: str, dropped: list[int] 
             out.append(encode_one(row))
         except TruncationError as e:
             if on_error == "raise":
-                raise TruncationError(f"record {i}: {e} (or set data.on_error=skip to skip such rows)") from None
+                raise TruncationError(f"{records.origin(i)}: {e} (or set data.on_error=skip to skip and count "
+                                      "such rows)") from None
             skipped += 1
             if dropped is not None:
                 dropped.append(i)
     if not out:
-        raise ValueError(f"no record could be encoded ({skipped} skipped); check max_length/max_prompt_length")
+        raise UserError(f"no record could be encoded ({skipped} skipped); check data.max_length/max_prompt_length")
     return out, skipped
 
 
@@ -123,7 +125,7 @@ def train_iterator(arrays: dict[str, np.ndarray], batch_size: int, *, seed: int,
     n = len(_Rows(arrays))
     global_batch = process_count * batch_size
     if n < global_batch:
-        raise ValueError(f"the training set has {n} rows, fewer than one global batch "
+        raise UserError(f"the training set has {n} rows, fewer than one global batch "
                          f"({process_count} processes x {batch_size}); add data or lower the batch size")
     ds = grain.MapDataset.source(_Rows(arrays)).shuffle(seed=seed).repeat(None).batch(global_batch, drop_remainder=True)
     if process_count > 1:
@@ -152,12 +154,17 @@ def encode_online(records: Records, tokenizer: Tokenizer, *, max_prompt_length: 
     no pair arrays (held-out prompts for sampling-based evaluation)."""
 
     def one(row):
-        prompt = tokenizer.encode_prompt(row["prompt"])[-max_prompt_length:]
+        prompt = tokenizer.encode_prompt(row["prompt"])
+        if len(prompt) > max_prompt_length:
+            raise TruncationError(f"the prompt has {len(prompt)} tokens > data.max_prompt_length={max_prompt_length}; "
+                                  "raise it")
+        for side in () if prompts_only else ("chosen", "rejected"):
+            n = len(tokenizer.encode_response(row["prompt"], row[side]))
+            if n > max_response_length:
+                raise TruncationError(f"the {side} response has {n} tokens > data.max_response_length="
+                                      f"{max_response_length}; raise it")
         sides = () if prompts_only else ("chosen", "rejected")
         responses = [tokenizer.encode_response(row["prompt"], row[side]) for side in sides]
-        if not prompt or any(len(r) > max_response_length for r in responses):
-            raise TruncationError(f"a response is longer than max_response_length={max_response_length} "
-                                  "tokens (or the prompt is empty); raise the limit")
         return prompt, responses
 
     dropped: list[int] = []

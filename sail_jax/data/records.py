@@ -17,11 +17,13 @@ import dataclasses
 import json
 from typing import Any, Iterable
 
+from sail_jax.errors import UserError
+
 KIND_FIELDS = {"preference": ("prompt", "chosen", "rejected"), "sft": ("prompt", "response"), "prompt": ("prompt",)}
 ON_ERROR = ("raise", "skip")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A row that cannot be used, with where it came from."""
 
 
@@ -30,18 +32,23 @@ class Records:
     rows: list[dict[str, Any]]
     skipped: int = 0
     first_error: str | None = None  # the first skipped row's message, for the log
+    where: list[str] = dataclasses.field(default_factory=list)  # per row: "file:line" (1-based) or its origin
+
+    def origin(self, i: int) -> str:
+        return self.where[i] if i < len(self.where) else f"record {i}"
 
 
 def _valid_text(value) -> bool:
     if isinstance(value, str):
-        return True
+        return bool(value.strip())
     return isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value) and any(m["content"].strip() for m in value)
 
 
 def check_kind(kind: str) -> tuple[str, ...]:
     if kind not in KIND_FIELDS:
-        raise ValueError(f"unknown record kind {kind!r}; valid: {sorted(KIND_FIELDS)}")
+        raise UserError(f"unknown record kind {kind!r}; valid: {sorted(KIND_FIELDS)}")
     return KIND_FIELDS[kind]
 
 
@@ -65,13 +72,14 @@ def parse_record(obj: Any, where: str, kind: str = "preference") -> dict[str, An
 def collect(rows: Iterable[tuple[str, Any]], kind: str, on_error: str = "raise") -> Records:
     """Parse ``(where, obj)`` pairs; ``obj`` may be a ``RecordError`` raised while reading it."""
     if on_error not in ON_ERROR:
-        raise ValueError(f"data.on_error: unknown value {on_error!r}; valid: {list(ON_ERROR)}")
+        raise UserError(f"data.on_error: unknown value {on_error!r}; valid: {list(ON_ERROR)}")
     out = Records([])
     for where, obj in rows:
         try:
             if isinstance(obj, RecordError):
                 raise obj
             out.rows.append(parse_record(obj, where, kind))
+            out.where.append(where)
         except RecordError as e:
             if on_error == "raise":
                 raise
@@ -96,6 +104,6 @@ def read_jsonl(path: str, kind: str = "preference", on_error: str = "raise") -> 
     """All records of a JSONL file (one JSON object per line; blank lines ignored)."""
     records = collect(_jsonl_rows(path), kind, on_error)
     if not records.rows:
-        raise ValueError(f"{path}: no usable records (expected one JSON object per line with "
+        raise RecordError(f"{path}: no usable records (expected one JSON object per line with "
                          f"{list(KIND_FIELDS[kind])}); skipped {records.skipped}: {records.first_error}")
     return records

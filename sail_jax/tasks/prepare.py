@@ -8,10 +8,10 @@ import os
 
 import jax
 import numpy as np
-from absl import logging
 
 from sail_jax.evaluate import decode_responses
 from sail_jax.models import load_pretrained
+from sail_jax.progress import bar, say
 from sail_jax.sampling import generate
 from sail_jax.tasks import get_task
 from sail_jax.tokenization import Tokenizer, pad_left
@@ -36,11 +36,14 @@ def prepare_task(config, workdir: str) -> dict[str, str]:
     if jax.process_count() > 1 and not all(map(os.path.exists, [model_config, *paths.values()])):
         raise RuntimeError(f"task files in {root} are missing: build the task once in a single process (same "
                            "config, one host), or point model.path and data.* at existing files")
+    if not all(map(os.path.exists, [model_config, *paths.values()])):
+        say(f"building the {config.task.get('name', 'builtin')} task in {root} (once; later runs reuse it)")
     paths["model"] = task.build_policy(config, root)
     for split in ("train", "eval"):
         if os.path.exists(paths[split]):
             continue  # each file is written whole or not at all (see write_jsonl)
         n, seed = (config.task.preference_train, 1) if split == "train" else (config.task.preference_eval, 2)
+        say(f"task: {'held-out' if split == 'eval' else 'offline'} set from {n} prompts")
         if split == "eval" and eval_kind == "prompt":
             rows = [{"prompt": p} for p in task.prompts(n, seed=100 + seed, split=split)]
         else:
@@ -55,7 +58,8 @@ def oracle_labelled_pairs(model, tokenizer, config, split: str, n: int, seed: in
 
     ``task.label_temperature`` > 0: the first two samples, labelled under Bradley–Terry,
     P(a ≻ b) = σ((r_a − r_b) / temperature). 0: the best and worst finished samples by the oracle,
-    dropped when they tie. Unfinished samples cannot be encoded as whole responses and are skipped.
+    dropped when they tie. Unfinished samples cannot be encoded as whole responses, and empty ones
+    are not data (records reject empty strings): both are skipped.
     """
     task, data = config.task, get_task(config.task.get("name", "builtin"))
     prompts = data.prompts(n, seed=100 + seed, split=split)
@@ -64,7 +68,7 @@ def oracle_labelled_pairs(model, tokenizer, config, split: str, n: int, seed: in
     rng = np.random.RandomState(seed)
     rows = []
     for i, prompt in enumerate(prompts):
-        ok = [j for j in range(i * k, (i + 1) * k) if finished[j] and len(
+        ok = [j for j in range(i * k, (i + 1) * k) if finished[j] and texts[j].strip() and len(
             tokenizer.encode_response(prompt, texts[j])) <= config.data.max_response_length]
         rewards = {j: data.oracle_reward(prompt, texts[j]) for j in ok}
         if temperature > 0:
@@ -80,7 +84,7 @@ def oracle_labelled_pairs(model, tokenizer, config, split: str, n: int, seed: in
             if rewards[chosen] == rewards[rejected]:
                 continue
         rows.append({"prompt": prompt, "chosen": texts[chosen], "rejected": texts[rejected]})
-    logging.info("task %s: %d labelled pairs from %d prompts", split, len(rows), n)
+    say(f"task: {len(rows)} oracle-labelled {split} pairs from {n} prompts")
     return rows
 
 
@@ -90,7 +94,8 @@ def sample_texts(model, tokenizer, config, prompts, k: int, seed: int) -> tuple[
                          tokenizer.pad_id)
     chunk = min(int(config.task.get("pair_batch", 0)) or len(prompts), len(prompts))
     texts, finished = [], []
-    for c, start in enumerate(range(0, len(prompts), chunk)):
+    starts = range(0, len(prompts), chunk)
+    for c, start in enumerate(bar(starts, f"sampling {k} responses for each of {len(prompts)} prompts")):
         idx = np.arange(start, start + chunk) % len(prompts)  # the last chunk wraps: one compiled shape
         keep = min(chunk, len(prompts) - start) * k
         key = jax.random.key(seed) if c == 0 else jax.random.fold_in(jax.random.key(seed), c)
