@@ -18,8 +18,9 @@ def _run(script, *args, env=None):
 
 
 def _commands(result):
+    """The commands a --dry-run prints (its "# ..." lines are notes, not commands)."""
     assert result.returncode == 0, result.stderr
-    return [shlex.split(line) for line in result.stdout.strip().splitlines()]
+    return [shlex.split(line) for line in result.stdout.strip().splitlines() if not line.startswith("#")]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -56,13 +57,25 @@ def test_launch_runs_the_config_on_all_workers_detached():
     assert "sail-jax --multihost --config=configs/smollm2_135m_ifeval.py --workdir=$HOME/sail-runs/smol1 " \
            "--config.checkpoint.dir=gs://bucket/smol1/ckpt --config.steps=500 --config.optim.name=adamw" in inner
     assert "gsutil -q cp $HOME/sail-runs/smol1/worker-$(hostname).log gs://bucket/logs/smol1/" in inner
+    assert "& copier=$!;" in inner and "kill $copier;" in inner  # the log-copy loop ends with the run
     assert "setsid nohup" in remote and "< /dev/null &" in remote
+
+
+def test_launch_records_its_arguments_and_relaunch_reads_them_back():
+    args = ["--config", "configs/sail_pp.py", "--run", "r1", "--checkpoint_dir", "gs://b/r1", "--",
+            "--config.steps=500", "--config.task.dir=a dir"]
+    out = _run("launch.sh", *SLICE, *args, "--dry-run")
+    [note] = [line for line in out.stdout.splitlines() if line.startswith("# gs://b/r1/launch_args.txt: ")]
+    assert shlex.split(note.split(": ", 1)[1]) == args  # what --relaunch evals back, quoting intact
+    out = _run("launch.sh", *SLICE, "--relaunch", "gs://b/r1", "--dry-run")
+    assert _commands(out) == [["gsutil", "cat", "gs://b/r1/launch_args.txt"]]
 
 
 def test_setup_installs_the_tpu_extra_from_a_ref_or_a_wheel(tmp_path):
     [ssh] = _commands(_run("setup.sh", *SLICE, "--ref", "v0.2", "--dry-run"))
     remote = ssh[-1].removeprefix("--command=")
-    assert "--worker=all" in ssh and "checkout -q v0.2" in remote
+    # The ref is fetched and checked out as it is now, on a fresh or an existing clone.
+    assert "--worker=all" in ssh and "fetch -q origin v0.2 && git -C sail-jax checkout -q --detach FETCH_HEAD" in remote
     assert 'pip install -q -c sail-jax/constraints.txt -e "sail-jax[tpu]"' in remote
     wheel = tmp_path / "sail_jax-0.1.0-py3-none-any.whl"
     scp, ssh = _commands(_run("setup.sh", *SLICE, "--wheel", str(wheel), "--dry-run"))
@@ -71,12 +84,14 @@ def test_setup_installs_the_tpu_extra_from_a_ref_or_a_wheel(tmp_path):
 
 
 def test_watch_prints_one_recovery_in_order():
-    cmds = _commands(_run("watch.sh", *SLICE, "--type", "v4-32", "--config", "configs/sail_pp.py", "--run", "r1",
-                          "--checkpoint_dir", "gs://b/r1", "--spot", "--dry-run"))
-    verbs = [" ".join(c[3:5]) for c in cmds]
-    assert verbs == ["tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm ssh", "tpu-vm scp", "tpu-vm ssh"]
+    cmds = _commands(_run("watch.sh", *SLICE, "--type", "v4-32", "--checkpoint_dir", "gs://b/r1", "--spot",
+                          "--dry-run"))
+    verbs = [" ".join(c[3:5]) for c in cmds[:-1]]
+    assert verbs == ["tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm ssh", "tpu-vm scp"]
     assert "--accelerator-type=v4-32" in cmds[2] and "--spot" in cmds[2]
-    assert "--config.checkpoint.dir=gs://b/r1" in cmds[-1][-1]
+    assert cmds[-1] == ["gsutil", "cat", "gs://b/r1/launch_args.txt"]  # the launch recorded, relaunched as it was
+    out = _run("watch.sh", *SLICE, "--checkpoint_dir", "gs://b/r1", "--config", "c.py")
+    assert out.returncode == 2 and "relaunches what launch.sh recorded" in out.stderr
 
 
 def test_missing_or_bad_flags_fail_with_the_fix():
@@ -84,7 +99,7 @@ def test_missing_or_bad_flags_fail_with_the_fix():
     assert out.returncode == 2 and "--config is required" in out.stderr
     out = _run("create.sh", "--zone", "z")
     assert out.returncode == 2 and "--name is required (or set TPU_NAME)" in out.stderr
-    out = _run("watch.sh", *SLICE, "--config", "c.py", "--run", "r", "--checkpoint_dir", "/local/ckpt")
+    out = _run("watch.sh", *SLICE, "--checkpoint_dir", "/local/ckpt")
     assert out.returncode == 2 and "must be on GCS" in out.stderr
     out = _run("create.sh", *SLICE, "--colour", "red")
     assert out.returncode == 2 and "unknown flag --colour" in out.stderr

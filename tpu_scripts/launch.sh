@@ -7,12 +7,14 @@ usage() {
 Usage: tpu_scripts/launch.sh --name NAME --zone ZONE --config configs/FILE.py --run RUN
                              [--checkpoint_dir gs://BUCKET/RUN/checkpoints] [--log_bucket gs://BUCKET/logs]
                              [--project P] [--dry-run] [-- --config.key=value ...]
+       tpu_scripts/launch.sh --name NAME --zone ZONE --relaunch gs://BUCKET/RUN/checkpoints [--dry-run]
 
   Runs `sail-jax --multihost --config=... --workdir=~/sail-runs/RUN` on all workers in a detached
   session (it survives the ssh connection). Logs: ~/sail-runs/RUN/worker-HOST.log on each worker,
   copied to --log_bucket every minute when given. With --checkpoint_dir on GCS, a run relaunched on
   a new slice (tpu_scripts/watch.sh does this after a preemption) resumes from its last checkpoint.
-  Arguments after -- go to sail-jax unchanged.
+  Arguments after -- go to sail-jax unchanged. With --checkpoint_dir, the launch's own arguments are
+  recorded in CHECKPOINT_DIR/launch_args.txt; --relaunch CHECKPOINT_DIR starts exactly that launch again.
 USAGE
 }
 
@@ -22,6 +24,27 @@ CKPT=""
 LOG_BUCKET=""
 parse_common "$@"
 set -- "${REST[@]+"${REST[@]}"}"
+if [[ "${1:-}" == --relaunch ]]; then
+  [[ $# -eq 2 ]] || die "--relaunch takes the checkpoint dir and nothing else"
+  record="$2/launch_args.txt"
+  where_flags=(--name "$TPU_NAME" --zone "$TPU_ZONE")
+  if [[ -n "$TPU_PROJECT" ]]; then
+    where_flags+=(--project "$TPU_PROJECT")
+  fi
+  if [[ "$DRY_RUN" == 1 ]]; then
+    run gsutil cat "$record"
+    echo "# then: tpu_scripts/launch.sh ${where_flags[*]} <the recorded arguments>"
+    exit 0
+  fi
+  recorded="$(gsutil cat "$record")" || die "no launch recorded at $record (launch the run once with launch.sh)"
+  args=()
+  eval "args=($recorded)"
+  exec bash "$0" "${where_flags[@]}" "${args[@]}"
+fi
+record_args=()
+for a in "$@"; do
+  record_args+=("$(quote "$a")")
+done
 overrides=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -51,7 +74,12 @@ done
 copy=":"
 if [[ -n "$LOG_BUCKET" ]]; then
   copy="gsutil -q cp $log $LOG_BUCKET/$RUN_NAME/"
-  cmd="(while sleep 60; do $copy; done) & $cmd; status=\$?; $copy; exit \$status"
+  cmd="(while sleep 60; do $copy; done) & copier=\$!; $cmd; status=\$?; kill \$copier; $copy; exit \$status"
+fi
+if [[ -n "$CKPT" && "$DRY_RUN" == 1 ]]; then  # what --relaunch (and watch.sh) will start again
+  echo "# $CKPT/launch_args.txt: ${record_args[*]}"
+elif [[ -n "$CKPT" ]]; then
+  echo "${record_args[*]}" | gsutil -q cp - "$CKPT/launch_args.txt"
 fi
 on_all_workers "cd $SAIL_HOME && . ~/sail-venv/bin/activate && mkdir -p $workdir && \
 setsid nohup bash -c '$cmd' > $log 2>&1 < /dev/null & echo \"started on \$(hostname): $log\""

@@ -7,7 +7,8 @@ usage() {
 Usage: tpu_scripts/setup.sh --name NAME --zone ZONE [--repo URL] [--ref REF | --wheel FILE.whl]
                             [--project P] [--dry-run]
 
-  --repo    git repository to clone on each worker (default $SAIL_REPO)
+  --repo    git repository to clone on each worker (default $SAIL_REPO, else
+            https://github.com/sail-jax/sail-jax.git); an existing clone keeps its origin
   --ref     branch, tag or commit to check out (default main)
   --wheel   install this local wheel instead (copied to every worker); constraints.txt is still
             taken from the checkout at --ref so every worker gets the same pinned stack
@@ -28,8 +29,9 @@ while [[ $# -gt 0 ]]; do
 done
 require TPU_NAME --name
 require TPU_ZONE --zone
-checkout="if [ -d $SAIL_HOME/.git ]; then git -C $SAIL_HOME fetch -q origin && git -C $SAIL_HOME checkout -q $SAIL_REF; \
-else git clone -q $SAIL_REPO $SAIL_HOME && git -C $SAIL_HOME checkout -q $SAIL_REF; fi"
+# Fetch the ref itself and check out what it names now (a branch on an existing clone advances too).
+checkout="{ [ -d $SAIL_HOME/.git ] || git clone -q $SAIL_REPO $SAIL_HOME; } && \
+git -C $SAIL_HOME fetch -q origin $SAIL_REF && git -C $SAIL_HOME checkout -q --detach FETCH_HEAD"
 venv="python3 -m venv ~/sail-venv && . ~/sail-venv/bin/activate && pip install -q -U pip"
 if [[ -n "$WHEEL" ]]; then
   [[ "$DRY_RUN" == 1 || -f "$WHEEL" ]] || die "--wheel $WHEEL does not exist"
