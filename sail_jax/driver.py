@@ -6,7 +6,8 @@ data are); ``drive`` owns everything around it, so the offline recipes and the S
 log, checkpoint and stop the same way.
 
 Stopping: the first SIGTERM (what a preempted TPU VM or a GPU scheduler sends) or SIGINT (Ctrl-C)
-finishes the current step, saves a checkpoint and raises ``Stopped``; a second one exits at once.
+finishes the current step (or generation block), saves a checkpoint and raises ``Stopped``; a second
+one exits at once.
 In a multi-process run the processes agree on the step to stop at (a signal seen by any process
 stops all), since saving is collective.
 """
@@ -41,6 +42,9 @@ class Trainer(Protocol):
 
     def load_extra(self, extra: dict) -> None: ...
 
+    # Optional: ``can_checkpoint(done) -> bool``, False where a checkpoint would not resume exactly
+    # (the SAIL loop between generation blocks); a stop then waits for the next step where it is True.
+
 
 class StopSignals:
     """SIGTERM/SIGINT handlers for the loop's duration: the first asks for a stop, a second exits."""
@@ -67,7 +71,8 @@ class StopSignals:
             print(f"\n{name} again: exiting now, without a checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\n{name}: saving a checkpoint after this step, then stopping (send it again to exit at once)",
+        print(f"\n{name}: saving a checkpoint at the next step boundary, then stopping (send it again to exit "
+              "at once)",
               file=sys.stderr, flush=True)
 
     def requested(self) -> int | None:
@@ -116,6 +121,8 @@ def drive(trainer: Trainer, config, workdir: str, *, desc: str,
                     last = logger.write(done, last, split="eval")
                     bar.set_postfix(_eval_postfix(last))
             stop = signals.requested()
+            if stop is not None and not getattr(trainer, "can_checkpoint", lambda _: True)(done):
+                stop = None  # not here: at the next step that resumes exactly
             ckpt.maybe_save(done, trainer.state, trainer.checkpoint_extra(), force=done == steps or stop is not None)
             bar.update(1)
             if stop is not None and done < steps:

@@ -272,6 +272,10 @@ class OnlineLoop:
     def evaluate(self) -> dict[str, float]:
         return self.evaluator(self.state.params)
 
+    def can_checkpoint(self, done: int) -> bool:
+        """Only between generation blocks: the block's samples and prompts are not checkpointed."""
+        return done % self.block_len == 0
+
     def run(self, data_counts: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
         """Train to ``config.steps`` (resuming if a checkpoint exists); returns (first eval, last eval).
         ``data_counts`` (rows skipped per split) go to metrics.jsonl as split "data"."""

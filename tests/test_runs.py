@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from conftest import dpo_command, synthetic_pairs, write_jsonl
@@ -205,3 +206,46 @@ def test_the_sail_recipe_fails_on_a_bad_value_before_building_its_task(tmp_path)
     out = _run([sys.executable, "-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--workdir={tmp_path}",
                 "--debug", "--config.optim.name=adamax"])
     assert out.returncode != 0 and "Traceback" in out.stderr  # --debug shows where
+
+
+def test_a_stop_waits_for_a_step_where_the_trainer_can_resume_exactly(tiny_checkpoint, tmp_path):
+    """The SAIL loop checkpoints only between generation blocks: a signal mid-block stops at the block's end."""
+    from sail_jax.configs import base_config
+    from sail_jax.data.pipeline import encode_preference, train_iterator
+    from sail_jax.data.records import Records
+    from sail_jax.driver import drive
+    from sail_jax.errors import Stopped
+    from sail_jax.models import load_pretrained
+    from sail_jax.objectives import sft_objective
+    from sail_jax.optim import make_optimizer
+    from sail_jax.recipes.offline import OfflineTrainer
+    from sail_jax.sharding import make_mesh
+    from sail_jax.tokenization import Tokenizer
+    from sail_jax.train import create_train_state, make_train_step
+
+    config = base_config("sft")
+    config.update(steps=12, log_every=1, eval_every=100)
+    config.checkpoint.update(every=0, async_save=False)
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    tx = make_optimizer(config.optim, config.steps)
+    graphdef, state, shardings = create_train_state(load_pretrained(tiny_checkpoint), tx, mesh)
+    step = make_train_step(graphdef, tx, sft_objective, mesh, shardings, {}, seed=0)
+    arrays = encode_preference(Records(synthetic_pairs(16)), Tokenizer.from_pretrained(tiny_checkpoint),
+                               max_prompt_length=40, max_length=48).arrays
+    sft = {"input_ids": arrays["chosen_input_ids"], "attention_mask": arrays["chosen_attention_mask"],
+           "loss_mask": arrays["chosen_loss_mask"], "valid": arrays["valid"]}
+
+    class BlockTrainer(OfflineTrainer):
+        def can_checkpoint(self, done):
+            return done % 4 == 0
+
+    def train_step(s, b):
+        if int(s.step) == 4:  # a real SIGTERM to this process during step 5, inside the block 5..8
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(s, b, {})
+
+    trainer = BlockTrainer(state, shardings, train_iterator(sft, 8, seed=0), mesh, train_step, lambda: {})
+    with pytest.raises(Stopped) as stopped:
+        drive(trainer, config, str(tmp_path), desc="sft")
+    assert stopped.value.step == 8 and stopped.value.exit_code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["8"]
