@@ -137,13 +137,17 @@ class Tokenizer:
         if truncate:
             prompt_ids = prompt_ids[-max_prompt_length:] if max_prompt_length > 0 else []
             response_ids = response_ids[:max(max_length - len(prompt_ids), 1)]
-        if len(prompt_ids) > max_prompt_length:
-            raise TruncationError(f"the prompt has {len(prompt_ids)} tokens > data.max_prompt_length="
-                                  f"{max_prompt_length}; raise it")
+        require_fits("the prompt", len(prompt_ids), "max_prompt_length", max_prompt_length)
         if len(prompt_ids) + len(response_ids) > max_length:
             raise TruncationError(f"prompt + response = {len(prompt_ids)} + {len(response_ids)} tokens > "
                                   f"data.max_length={max_length}; raise it")
         return EncodedPair(prompt_ids, response_ids)
+
+
+def require_fits(what: str, n: int, key: str, limit: int) -> None:
+    """Training data is never cut: ``what`` of ``n`` tokens over ``data.<key>`` is a ``TruncationError``."""
+    if n > limit:
+        raise TruncationError(f"{what} has {n} tokens > data.{key}={limit}; raise it")
 
 
 def pad_left(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

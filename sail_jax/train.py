@@ -169,9 +169,6 @@ class Checkpoints:
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
         )
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def restore(self, abstract_state) -> tuple[Any, dict] | None:
         """The newest readable checkpoint; unreadable newer ones are reported (one line each) and deleted,
         as the resumed run writes those steps again. None readable: ``CheckpointError``, nothing deleted."""

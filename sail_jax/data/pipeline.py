@@ -16,7 +16,7 @@ from absl import logging
 
 from sail_jax.data.records import Records, read_jsonl
 from sail_jax.errors import UserError
-from sail_jax.tokenization import Tokenizer, TruncationError, pack_pairs, pad_left
+from sail_jax.tokenization import Tokenizer, TruncationError, pack_pairs, pad_left, require_fits
 
 SOURCES = ("jsonl", "tfds")
 
@@ -155,16 +155,11 @@ def encode_online(records: Records, tokenizer: Tokenizer, *, max_prompt_length: 
 
     def one(row):
         prompt = tokenizer.encode_prompt(row["prompt"])
-        if len(prompt) > max_prompt_length:
-            raise TruncationError(f"the prompt has {len(prompt)} tokens > data.max_prompt_length={max_prompt_length}; "
-                                  "raise it")
-        for side in () if prompts_only else ("chosen", "rejected"):
-            n = len(tokenizer.encode_response(row["prompt"], row[side]))
-            if n > max_response_length:
-                raise TruncationError(f"the {side} response has {n} tokens > data.max_response_length="
-                                      f"{max_response_length}; raise it")
+        require_fits("the prompt", len(prompt), "max_prompt_length", max_prompt_length)
         sides = () if prompts_only else ("chosen", "rejected")
         responses = [tokenizer.encode_response(row["prompt"], row[side]) for side in sides]
+        for side, response in zip(sides, responses):
+            require_fits(f"the {side} response", len(response), "max_response_length", max_response_length)
         return prompt, responses
 
     dropped: list[int] = []
