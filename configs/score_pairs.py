@@ -15,8 +15,9 @@ def get_config():
     config.seed = 0
     config.model = ml_collections.ConfigDict({"path": "", "tokenizer_path": "", "dtype": "float32"})
     config.reference = ml_collections.ConfigDict({"path": ""})  # empty: the policy is its own reference
-    config.data = ml_collections.ConfigDict({"path": ""})  # JSONL of {prompt, chosen, rejected}
+    # path: JSONL of {prompt, chosen, rejected}; rows longer than the lengths raise naming file:line,
+    # or with on_error="skip" are left out and listed.
+    config.data = ml_collections.ConfigDict({"path": "", "max_prompt_length": 64, "max_length": 128,
+                                             "on_error": "raise"})
     config.loss = ml_collections.ConfigDict({"loss_type": "sigmoid", "beta": 0.1})
-    config.max_prompt_length = 64
-    config.max_length = 128
     return config

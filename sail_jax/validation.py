@@ -113,6 +113,18 @@ def validate_training_config(config) -> None:
                  "reference live (precompute=False)")
 
 
+def validate_score_pairs_config(config) -> None:
+    d = config.data
+    _require(d.on_error in ON_ERROR, f"config.data.on_error={d.on_error!r}; valid: {list(ON_ERROR)}")
+    _require(not d.path or os.path.isfile(d.path), f"config.data.path={d.path!r}: no such file")
+    _require(0 < d.max_prompt_length < d.max_length,
+             f"config.data: need 0 < max_prompt_length ({d.max_prompt_length}) < max_length ({d.max_length})")
+    for key in ("model.path", "reference.path", "model.tokenizer_path"):
+        path = config[key.split(".")[0]].get(key.split(".")[1], "")
+        _require(not path or os.path.isdir(path), f"config.{key}={path!r}: no such folder")
+    _validate_preference_loss(config.loss)
+
+
 def validate_online_config(config) -> None:
     """The online loop's config (../shared/SAIL.md): routes, coefficients, sampling and the buffer.
     With no ``model.path``, the task named by ``task.name`` builds the model and data (checked here,
@@ -179,5 +191,7 @@ def validate_config(config) -> None:
                                               f"{sorted(RECIPES)}")
     if config.recipe == "sail":
         validate_online_config(config)
-    elif config.recipe != "score_pairs":
+    elif config.recipe == "score_pairs":
+        validate_score_pairs_config(config)
+    else:
         validate_training_config(config)

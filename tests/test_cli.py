@@ -24,6 +24,15 @@ def test_cli_scores_pairs_end_to_end_with_the_builtin_model(tmp_path):
     assert len(scores) == 2 and scores[1]["prompt"].startswith("<|im_start|>user")
     assert "beta = 0.5" in (workdir / "config.txt").read_text().replace(": ", " = ")
     assert (workdir / "tiny_model" / "config.json").exists()
+    # A row longer than data.max_length: an error naming file:line, or (on_error=skip) left out and listed.
+    data.write_text(data.read_text() + json.dumps({"prompt": "Hi.", "chosen": " word" * 300, "rejected": "No."}) + "\n")
+    cmd = [sys.executable, "-m", "sail_jax.cli", "--config=configs/score_pairs.py", f"--workdir={workdir}",
+           f"--config.data.path={data}"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2 and f"error: {data}:3: prompt + response = " in out.stderr, out.stderr[-2000:]
+    out = subprocess.run([*cmd, "--config.data.on_error=skip"], capture_output=True, text=True)
+    assert out.returncode == 0 and f"skipped {data}:3: longer than" in out.stdout, out.stderr[-2000:]
+    assert len((workdir / "scores.jsonl").read_text().splitlines()) == 2
 
 
 def test_unknown_recipe_lists_valid_ones():

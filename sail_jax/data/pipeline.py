@@ -70,16 +70,16 @@ def _encode_all(records: Records, encode_one, on_error: str, dropped: list[int] 
 
 
 def encode_preference(records: Records, tokenizer: Tokenizer, *, max_prompt_length: int, max_length: int,
-                      on_error: str = "raise") -> Encoded:
+                      on_error: str = "raise", dropped: list[int] | None = None) -> Encoded:
     """``chosen_*``/``rejected_*`` (right-padded rows with loss masks), ``prompt_ids``/``prompt_mask``
-    (left-padded, for sampling), and ``valid``."""
+    (left-padded, for sampling), and ``valid``; the indices of rows skipped as too long go to ``dropped``."""
 
     def one(row):
         kw = dict(max_prompt_length=max_prompt_length, max_length=max_length)
         return (tokenizer.encode_pair(row["prompt"], row["chosen"], **kw),
                 tokenizer.encode_pair(row["prompt"], row["rejected"], **kw))
 
-    pairs, skipped = _encode_all(records, one, on_error)
+    pairs, skipped = _encode_all(records, one, on_error, dropped)
     arrays = {}
     for side, idx in (("chosen", 0), ("rejected", 1)):
         for k, v in pack_pairs([p[idx] for p in pairs], max_length, tokenizer.pad_id).items():
@@ -125,8 +125,8 @@ def train_iterator(arrays: dict[str, np.ndarray], batch_size: int, *, seed: int,
     n = len(_Rows(arrays))
     global_batch = process_count * batch_size
     if n < global_batch:
-        raise UserError(f"the training set has {n} rows, fewer than one global batch "
-                         f"({process_count} processes x {batch_size}); add data or lower the batch size")
+        raise UserError(f"the training set has {n} rows, fewer than one global batch of {global_batch}; add data or "
+                        "lower the batch size")
     ds = grain.MapDataset.source(_Rows(arrays)).shuffle(seed=seed).repeat(None).batch(global_batch, drop_remainder=True)
     if process_count > 1:
         lo = process_index * batch_size

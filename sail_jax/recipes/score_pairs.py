@@ -15,10 +15,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sail_jax.data import read_jsonl
+from sail_jax.data.pipeline import encode_preference
+from sail_jax.data.records import Records
 from sail_jax.logprobs import sequence_logprobs
 from sail_jax.losses import preference_loss, preference_metrics
 from sail_jax.models import ModelConfig, build_model, load_pretrained, save_pretrained
-from sail_jax.tokenization import Tokenizer, pack_pairs, train_bpe_tokenizer
+from sail_jax.tokenization import Tokenizer, train_bpe_tokenizer
 
 SAMPLE_PAIRS = [
     {"prompt": "How do I boil an egg?", "chosen": " Put the egg in boiling water for nine minutes, then cool it.",
@@ -61,14 +63,16 @@ def run(config, workdir: str) -> dict:
     reference_path = config.reference.path or model_path
     dtype = jnp.dtype(config.model.dtype)
     tokenizer = Tokenizer.from_pretrained(config.model.tokenizer_path or model_path)
-    records = read_jsonl(config.data.path).rows if config.data.path else SAMPLE_PAIRS
-
-    def encode(side):
-        pairs = [tokenizer.encode_pair(r["prompt"], r[side], max_prompt_length=config.max_prompt_length,
-                                       max_length=config.max_length) for r in records]
-        return pack_pairs(pairs, config.max_length, tokenizer.pad_id)
-
-    chosen, rejected = encode("chosen"), encode("rejected")
+    d = config.data
+    source = read_jsonl(d.path, "preference", d.on_error) if d.path else Records(SAMPLE_PAIRS)
+    dropped: list[int] = []  # rows over the lengths (data.on_error=skip); each is reported
+    encoded = encode_preference(source, tokenizer, max_prompt_length=d.max_prompt_length, max_length=d.max_length,
+                                on_error=d.on_error, dropped=dropped)
+    records = [r for i, r in enumerate(source.rows) if i not in set(dropped)]
+    for i in dropped:
+        print(f"skipped {source.origin(i)}: longer than data.max_prompt_length/max_length")
+    chosen, rejected = ({k: encoded.arrays[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "loss_mask")}
+                        for side in ("chosen", "rejected"))
     policy = _score_fn(load_pretrained(model_path, dtype=dtype))
     reference = policy if reference_path == model_path else _score_fn(load_pretrained(reference_path, dtype=dtype))
     (c, c_len), (r, r_len) = policy(chosen), policy(rejected)
