@@ -1,5 +1,7 @@
 """``sail-jax --config=configs/<recipe>.py --workdir=DIR [--config.key=value ...]``, and
-``sail-jax plan --config=... [--target=v5e-32]``: the per-device memory plan of a config (sail_jax.plan).
+``sail-jax plan --config=... [--target=v5e-32]``: the per-device memory plan of a config (sail_jax.plan), and
+``sail-jax task --config=... --workdir=DIR``: build a SAIL config's task files in one process (what a
+multi-host slice, which cannot build them, is given; tpu_scripts/launch.sh --task_bucket does this).
 
 A run validates the whole config first, then holds the workdir's lock, checks that a resumed run keeps
 its config (sail_jax.workdir), and runs the recipe. The same command on a finished run prints its
@@ -58,6 +60,20 @@ def _plan(config) -> None:
         plan = make_plan(config, target=parse_target(name))
         mesh = " x ".join(f"{k} {v}" for k, v in plan.mesh.items())
         print(f"\n== {name}: mesh {mesh}, batch {config.batch_size} ==\n{plan.table()}")
+
+
+def _task(config, workdir: str) -> None:
+    """Build the task files of a SAIL config (single process) and print their folder last."""
+    from sail_jax.errors import UserError
+    from sail_jax.tasks.prepare import prepare_task
+    from sail_jax.validation import validate_config
+
+    validate_config(config)
+    if config.get("recipe") != "sail" or config.model.path:
+        raise UserError("task: only a SAIL config without model.path builds task files; this one reads its model "
+                        "and data from the paths it names")
+    paths = prepare_task(config, workdir)
+    print(os.path.dirname(paths["train"]))
 
 
 def _admit(config, workdir: str, lock) -> str | None:
@@ -122,10 +138,14 @@ def _main(argv):
     try:
         if argv[1:] == ["plan"]:
             return _plan(_loaded_config())
-        if len(argv) > 1:
-            raise UserError(f"unexpected arguments {argv[1:]}; use `sail-jax [plan] --config=... --workdir=...`")
+        if len(argv) > 1 and argv[1:] != ["task"]:
+            raise UserError(f"unexpected arguments {argv[1:]}; use `sail-jax [plan|task] --config=... --workdir=...`")
         if not _WORKDIR.value:
             raise UserError("--workdir is required (where checkpoints, logs and the export go)")
+        if argv[1:] == ["task"]:
+            if _MULTIHOST.value or _NUM_PROCESSES.value > 1:
+                raise UserError("task: build the task files in one process (drop --multihost/--num_processes)")
+            return _task(_loaded_config(), _WORKDIR.value)
         _train(_loaded_config(), _WORKDIR.value)
     except UserError as e:
         if _DEBUG.value:

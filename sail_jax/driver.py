@@ -9,11 +9,13 @@ Stopping: the first SIGTERM (what a preempted TPU VM or a GPU scheduler sends) o
 finishes the current step (or generation block), saves a checkpoint and raises ``Stopped``; a second
 one exits at once.
 In a multi-process run the processes agree on the step to stop at (a signal seen by any process
-stops all), since saving is collective.
+stops all), since saving is collective: through JAX's preemption sync point, which the
+coordination service computes off the training path (no per-step device sync).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import sys
@@ -22,7 +24,7 @@ import time
 from typing import Any, Protocol
 
 import jax
-import numpy as np
+from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -46,14 +48,28 @@ class Trainer(Protocol):
     # (the SAIL loop between generation blocks); a stop then waits for the next step where it is True.
 
 
+# The coordination-service key JAX's preemption sync manager watches (its SIGTERM notifier writes it;
+# xla/pjrt/distributed/preemption). Our handlers replace that notifier, so they write the key themselves;
+# tests/test_multihost.py checks the protocol end to end on the pinned jax.
+_PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
+
+
 class StopSignals:
-    """SIGTERM/SIGINT handlers for the loop's duration: the first asks for a stop, a second exits."""
+    """SIGTERM/SIGINT handlers for the loop's duration: the first asks for a stop, a second exits.
+
+    Multi-process: the first signal a process sees is posted as a preemption notice to JAX's
+    coordination service, whose sync protocol picks one step at which every process stops
+    (``reached_preemption_sync_point``, a local check on each step)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._sync = jax.process_count() > 1
+        if self._sync and jax_distributed.global_state.preemption_sync_manager is None:
+            raise UserError("a multi-process run needs JAX's preemption service to stop cleanly; do not set "
+                            "jax_enable_preemption_service=False")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -72,15 +88,22 @@ class StopSignals:
             os._exit(128 + signum)
         self.signum = signum
         print(f"\n{name}: saving a checkpoint at the next step boundary, then stopping (send it again to exit "
-              "at once)",
-              file=sys.stderr, flush=True)
+              "at once)", file=sys.stderr, flush=True)
+        if self._sync:
+            try:  # the value is the "death time" the protocol plans for: now, stop as soon as possible
+                jax_distributed.global_state.client.key_value_set(
+                    _PREEMPTION_NOTICE_KEY, datetime.datetime.now(datetime.timezone.utc).isoformat())
+            except Exception:  # noqa: BLE001 - another process posted it first: the protocol already runs
+                pass
 
-    def requested(self) -> int | None:
-        """The signal to stop on, the same on every process (a collective in multi-process runs)."""
-        if jax.process_count() == 1:
+    def requested(self, done: int) -> int | None:
+        """The signal to stop on after step ``done``, at the same step on every process (called once per
+        step on all of them). A process that saw no signal stops on SIGTERM's behalf."""
+        if not self._sync:
             return self.signum
-        seen = multihost_utils.process_allgather(np.int32(self.signum or 0))
-        return int(np.max(seen)) or None
+        if multihost_utils.reached_preemption_sync_point(done):
+            return self.signum or signal.SIGTERM
+        return None
 
 
 def drive(trainer: Trainer, config, workdir: str, *, desc: str,
@@ -108,6 +131,7 @@ def drive(trainer: Trainer, config, workdir: str, *, desc: str,
     last: dict[str, float] | None = None
     bar = tqdm(total=steps, initial=start, disable=jax.process_index() != 0, desc=desc, dynamic_ncols=True)
     t0 = time.time()
+    pending = None  # a stop agreed on at a step where the trainer cannot checkpoint
     with StopSignals() as signals:
         for step in range(start, steps):
             metrics = trainer.step(step)
@@ -120,9 +144,8 @@ def drive(trainer: Trainer, config, workdir: str, *, desc: str,
                 if last:
                     last = logger.write(done, last, split="eval")
                     bar.set_postfix(_eval_postfix(last))
-            stop = signals.requested()
-            if stop is not None and not getattr(trainer, "can_checkpoint", lambda _: True)(done):
-                stop = None  # not here: at the next step that resumes exactly
+            pending = signals.requested(done) or pending
+            stop = pending if getattr(trainer, "can_checkpoint", lambda _: True)(done) else None  # else: later
             ckpt.maybe_save(done, trainer.state, trainer.checkpoint_extra(), force=done == steps or stop is not None)
             bar.update(1)
             if stop is not None and done < steps:

@@ -2,14 +2,17 @@
 
 DPO steps through the CLI give the same losses and the same exported weights; a checkpoint written
 by the pair is resumed by the pair; sampling on a mesh spanning both processes gives the same tokens;
-the SAIL loop (all three online routes) logs the same losses and evaluations.
+the SAIL loop (all three online routes) logs the same losses and evaluations; a built-in task's files,
+which a multi-process run cannot build, come from a one-process `sail-jax task`.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -32,20 +35,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args, processes: int, timeout: int = 300):
-    """``args`` as one process with 8 CPU devices, or as ``processes`` processes sharing 8."""
+def _run(args, processes: int, timeout: int = 300, check: bool = True) -> list[tuple[int, str]]:
+    """``args`` as one process with 8 CPU devices, or as ``processes`` processes sharing 8; each one's
+    exit code and output."""
     if processes == 1:
         out = subprocess.run([sys.executable, *args], env=_env(8), cwd=REPO, capture_output=True, text=True,
                              timeout=timeout)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, *args, *_process_flags(args, port, processes, i)], env=_env(8 // processes),
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(processes)]
-    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+        results = [(out.returncode, out.stdout + out.stderr)]
+    else:
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, *args, *_process_flags(args, port, processes, i)],
+                                  env=_env(8 // processes), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for i in range(processes)]
+        results = [(p.returncode, out) for p, out in ((p, p.communicate(timeout=timeout)[0]) for p in procs)]
+    for code, out in results if check else ():
+        assert code == 0, out[-3000:]
+    return results
 
 
 def _process_flags(args, port, processes, i):
@@ -92,6 +97,34 @@ def test_two_processes_train_resume_and_sample_like_one(tiny_checkpoint, tmp_pat
     np.testing.assert_allclose(two["logprobs"], one["logprobs"], atol=1e-5)
 
 
+def test_a_signal_to_one_process_stops_both_at_one_step_and_the_pair_resumes(tiny_checkpoint, tmp_path):
+    """SIGTERM reaches one worker of a slice: both save the same step (JAX's preemption sync point)
+    and exit 143, then the pair resumes to the uninterrupted pair's losses and weights, bitwise."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(64))
+    uninterrupted, pair = tmp_path / "uninterrupted", tmp_path / "pair"
+    _run(_dpo_args(tiny_checkpoint, data, uninterrupted, 60), processes=2)
+    args, port = [*_dpo_args(tiny_checkpoint, data, pair, 60), "--config.checkpoint.every=0"], _free_port()
+    procs = [subprocess.Popen([sys.executable, *args, *_process_flags(args, port, 2, i)], env=_env(4), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    metrics, deadline = pair / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and procs[1].poll() is None:
+        if metrics.exists() and metrics.read_text().count('"train"') >= 5:
+            procs[1].send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    stops = set()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in out, out[-3000:]
+        stops.add(int(out.split("stopped by SIGTERM after step ")[1].split(";")[0]))
+    [stop] = stops
+    assert stop < 60 and sorted(p for p in os.listdir(pair / "checkpoints") if p.isdigit()) == [str(stop)]
+    _run(_dpo_args(tiny_checkpoint, data, pair, 60), processes=2)
+    assert _losses(pair) == _losses(uninterrupted) and len(_losses(pair)) == 60
+    a, b = (load_file(str(w / "export" / "model.safetensors")) for w in (uninterrupted, pair))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_two_processes_run_the_sail_loop_like_one(tiny_checkpoint, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(64))
     common = ["-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--config.model.path={tiny_checkpoint}",
@@ -116,3 +149,19 @@ def test_incomplete_process_flags_are_refused():
     with pytest.raises(ValueError, match="give all three"):
         initialize(coordinator="localhost:1234", num_processes=2)
     assert initialize() is False
+
+
+def test_a_built_in_task_comes_from_one_process_then_runs_on_two(tmp_path):
+    task = ["--config=configs/sail_pp.py", f"--config.task.dir={tmp_path / 'task'}", "--config.task.sft_steps=150",
+            "--config.task.preference_train=64", "--config.task.preference_eval=16"]
+    loop = ["-m", "sail_jax.cli", *task, f"--workdir={tmp_path / 'run'}", "--config.steps=1", "--config.batch_size=8",
+            "--config.eval_batch_size=16", "--config.checkpoint.every=0"]
+    for code, out in _run(loop, processes=2, check=False):  # no files yet: refused, naming the way out
+        assert code == 2 and "error: task files in" in out and "`sail-jax task`" in out, out[-3000:]
+        assert "Traceback" not in out
+    [(_, built)] = _run(["-m", "sail_jax.cli", "task", *task, f"--workdir={tmp_path / 'build'}"], processes=1)
+    assert str(tmp_path / "task") in built.splitlines()  # its folder, printed on stdout
+    assert not (tmp_path / "build").exists()  # the files went to task.dir
+    for _, out in _run(loop, processes=2):
+        assert "building the builtin task" not in out
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final"]["kl"] >= 0

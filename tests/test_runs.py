@@ -150,6 +150,28 @@ def test_sigterm_mid_run_saves_a_checkpoint_and_the_rerun_equals_the_uninterrupt
     assert steps == list(range(1, 201))
 
 
+def test_sigterm_stops_the_sail_loop_at_its_block_end_and_the_rerun_equals_the_uninterrupted_run(data, tmp_path):
+    """Through the CLI on a real SAIL run: samples are drawn every 3 steps, so a signal after step 1
+    stops after step 3, where a checkpoint resumes exactly."""
+    def sail(work):
+        return [sys.executable, "-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--workdir={work}",
+                f"--config.model.path={data['model']}", f"--config.data.train_path={data['train']}",
+                f"--config.data.eval_path={data['eval']}", "--config.data.max_prompt_length=40", "--config.steps=6",
+                "--config.batch_size=8", "--config.eval_batch_size=16", "--config.eval_every=6",
+                "--config.log_every=1", "--config.checkpoint.every=0", "--config.generation.interval=3"]
+
+    finished = tmp_path / "finished"
+    assert _run(sail(finished)).returncode == 0
+    work = tmp_path / "run"
+    proc = _interrupt(sail(work), work, signal.SIGTERM, at_rows=3)  # eval and data rows, then step 1
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-2000:]
+    assert "stopped by SIGTERM after step 3;" in stderr and (work / "checkpoints" / "3").is_dir()
+    out = _run(sail(work))
+    assert out.returncode == 0 and "resuming from step 3 of 6" in out.stderr, out.stderr[-2000:]
+    assert _same_export(finished, work)
+
+
 def test_sigkill_mid_run_then_rerun_gives_bitwise_identical_params(data, finished, tmp_path):
     work = tmp_path / "run"
     proc = _interrupt(_cmd(data, work), work, signal.SIGKILL, at_rows=int(np.random.randint(60, 180)))
@@ -189,6 +211,7 @@ def test_an_over_long_or_empty_row_raises_naming_file_and_line_or_is_skipped_and
     ("--config.optim.learning_rate=abc", "--config.optim.learning_rate=abc: could not convert string to float"),
     ("--config.nosuch.key=1", "--config.nosuch.key: the config has no key 'nosuch'"),
     ("--config=configs/nope.py", "configs/nope.py [Errno 2] No such file or directory"),
+    ("task", "task: only a SAIL config without model.path builds task files"),
 ])
 def test_user_errors_print_one_message_and_exit_2(data, tmp_path, flag, message):
     out = _run(_cmd(data, tmp_path / "run", flag))

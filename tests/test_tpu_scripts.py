@@ -71,6 +71,28 @@ def test_launch_records_its_arguments_and_relaunch_reads_them_back():
     assert _commands(out) == [["gsutil", "cat", "gs://b/r1/launch_args.txt"]]
 
 
+def test_launch_with_a_task_bucket_builds_the_task_once_on_worker_0_and_gives_it_to_every_worker():
+    build, launch = _commands(_run("launch.sh", *SLICE, "--config", "configs/sail_pp.py", "--run", "r1",
+                                   "--task_bucket", "gs://b/r1/task", "--dry-run", "--", "--config.task.sft_steps=9"))
+    assert build[5:8] == ["sail-v4-32", "--zone=us-central2-b", "--worker=0"]
+    remote = build[8].removeprefix("--command=")
+    assert subprocess.run(["bash", "-n", "-c", remote]).returncode == 0
+    steps = [s.strip() for s in remote.split("&&")]
+    task_dir = "$HOME/sail-runs/r1/task"
+    assert steps[-2:] == [  # one CPU process, the run's own overrides, then the upload
+        f"JAX_PLATFORMS=cpu sail-jax task --config=configs/sail_pp.py --workdir=$HOME/sail-runs/r1 "
+        f"--config.task.dir={task_dir} --config.task.sft_steps=9", f"gsutil -m -q rsync -r {task_dir} gs://b/r1/task"]
+    assert f"gsutil -m -q rsync -r gs://b/r1/task {task_dir} || true" in remote  # reuse what the bucket holds
+    assert launch[7] == "--worker=all"
+    inner = shlex.split(launch[8].split("bash -c ", 1)[1])[0]
+    assert inner.startswith(f"mkdir -p {task_dir} && gsutil -m -q rsync -r gs://b/r1/task {task_dir} && sail-jax "
+                            "--multihost")
+    assert inner.endswith(f"--config.task.dir={task_dir} --config.task.sft_steps=9")
+    out = _run("launch.sh", *SLICE, "--config", "configs/sail_pp.py", "--run", "r1", "--task_bucket", "gs://b/t",
+               "--dry-run", "--", "--config.task.dir=/x")
+    assert out.returncode == 2 and "drop --config.task.dir" in out.stderr
+
+
 def test_setup_installs_the_tpu_extra_from_a_ref_or_a_wheel(tmp_path):
     [ssh] = _commands(_run("setup.sh", *SLICE, "--ref", "v0.2", "--dry-run"))
     remote = ssh[-1].removeprefix("--command=")

@@ -6,6 +6,7 @@ usage() {
   cat <<'USAGE'
 Usage: tpu_scripts/launch.sh --name NAME --zone ZONE --config configs/FILE.py --run RUN
                              [--checkpoint_dir gs://BUCKET/RUN/checkpoints] [--log_bucket gs://BUCKET/logs]
+                             [--task_bucket gs://BUCKET/RUN/task]
                              [--project P] [--dry-run] [-- --config.key=value ...]
        tpu_scripts/launch.sh --name NAME --zone ZONE --relaunch gs://BUCKET/RUN/checkpoints [--dry-run]
 
@@ -15,6 +16,9 @@ Usage: tpu_scripts/launch.sh --name NAME --zone ZONE --config configs/FILE.py --
   a new slice (tpu_scripts/watch.sh does this after a preemption) resumes from its last checkpoint.
   Arguments after -- go to sail-jax unchanged. With --checkpoint_dir, the launch's own arguments are
   recorded in CHECKPOINT_DIR/launch_args.txt; --relaunch CHECKPOINT_DIR starts exactly that launch again.
+  --task_bucket (SAIL configs that build a task, e.g. configs/sail_pp.py): a multi-host run cannot
+  build its task files, so worker 0 first builds them in one CPU process (`sail-jax task`; reused when
+  the bucket already has them) and uploads them; every worker downloads them before the run starts.
 USAGE
 }
 
@@ -22,6 +26,7 @@ CONFIG=""
 RUN_NAME=""
 CKPT=""
 LOG_BUCKET=""
+TASK_BUCKET=""
 parse_common "$@"
 set -- "${REST[@]+"${REST[@]}"}"
 if [[ "${1:-}" == --relaunch ]]; then
@@ -52,6 +57,7 @@ while [[ $# -gt 0 ]]; do
     --run) RUN_NAME="$2"; shift 2 ;;
     --checkpoint_dir) CKPT="$2"; shift 2 ;;
     --log_bucket) LOG_BUCKET="$2"; shift 2 ;;
+    --task_bucket) TASK_BUCKET="$2"; shift 2 ;;
     --) shift; overrides=("$@"); break ;;
     *) die "unknown flag $1 (sail-jax overrides go after --)" ;;
   esac
@@ -68,9 +74,23 @@ cmd="sail-jax --multihost --config=$CONFIG --workdir=$workdir"
 if [[ -n "$CKPT" ]]; then
   cmd+=" --config.checkpoint.dir=$CKPT"
 fi
+quoted_overrides=""
 for o in "${overrides[@]+"${overrides[@]}"}"; do
-  cmd+=" $(printf '%q' "$o")"
+  quoted_overrides+=" $(printf '%q' "$o")"
 done
+if [[ -n "$TASK_BUCKET" ]]; then
+  [[ "$quoted_overrides" != *--config.task.dir=* ]] || die "--task_bucket sets the task's folder; drop --config.task.dir"
+  task_dir="$workdir/task"
+  task_flags="--config=$CONFIG --workdir=$workdir --config.task.dir=$task_dir$quoted_overrides"
+  # Worker 0 builds the files once, in one CPU process (a slice's TPU runtime expects every worker),
+  # starting from what the bucket already holds, and uploads them.
+  where
+  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${WHERE[@]}" --worker=0 --command="cd $SAIL_HOME && \
+. ~/sail-venv/bin/activate && mkdir -p $task_dir && { gsutil -m -q rsync -r $TASK_BUCKET $task_dir || true; } && \
+JAX_PLATFORMS=cpu sail-jax task $task_flags && gsutil -m -q rsync -r $task_dir $TASK_BUCKET"
+  cmd="mkdir -p $task_dir && gsutil -m -q rsync -r $TASK_BUCKET $task_dir && $cmd --config.task.dir=$task_dir"
+fi
+cmd+="$quoted_overrides"
 copy=":"
 if [[ -n "$LOG_BUCKET" ]]; then
   copy="gsutil -q cp $log $LOG_BUCKET/$RUN_NAME/"

@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 
+from sail_jax.errors import UserError
 from sail_jax.evaluate import decode_responses
 from sail_jax.models import load_pretrained
 from sail_jax.progress import bar, say
@@ -34,8 +35,9 @@ def prepare_task(config, workdir: str) -> dict[str, str]:
              "eval": os.path.join(root, "preferences_eval.jsonl" if eval_kind == "preference" else "prompts_eval.jsonl")}
     model_config = os.path.join(root, task.MODEL_DIR, "config.json")
     if jax.process_count() > 1 and not all(map(os.path.exists, [model_config, *paths.values()])):
-        raise RuntimeError(f"task files in {root} are missing: build the task once in a single process (same "
-                           "config, one host), or point model.path and data.* at existing files")
+        raise UserError(f"task files in {root} are missing and a multi-process run cannot build them: build them "
+                        "once with `sail-jax task` (same config, one process) and copy them to every host, or use "
+                        "tpu_scripts/launch.sh --task_bucket, which does both")
     if not all(map(os.path.exists, [model_config, *paths.values()])):
         say(f"building the {config.task.get('name', 'builtin')} task in {root} (once; later runs reuse it)")
     paths["model"] = task.build_policy(config, root)
