@@ -292,8 +292,12 @@ def make_plan(config, *, target: Target | None = None, num_devices: int | None =
               model_config: ModelConfig | None = None) -> Plan:
     """The plan of ``config`` on ``target`` (or on ``num_devices`` devices without a memory verdict);
     ``model_config`` replaces the config's model (tests)."""
+    from sail_jax.errors import UserError
     from sail_jax.optim import make_optimizer
 
+    if int(config.get("lora", {}).get("rank", 0)):
+        raise UserError("plan: LoRA (lora.rank > 0) is not planned yet; plan the config with lora.rank=0, an upper "
+                        "bound (full training holds more)")
     devices = target.devices if target is not None else (num_devices or jax.device_count())
     sizes = dict(zip(AXES, resolve_axis_sizes(dict(config.mesh), devices)))
     mesh = AbstractMesh(tuple(sizes.values()), AXES)

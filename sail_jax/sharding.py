@@ -40,6 +40,13 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"lm_head\.kernel$", P("fsdp", "tensor")),  # [d, vocab]
     (r"score\.kernel$", P("fsdp", None)),  # [d, num_labels]
     (r"(o_proj|down_proj)\.bias$|(norm|layernorm)\.scale$", P("fsdp")),  # [d]
+    # LoRA adapters (A: [*in, r], B: [r, *out]) split like the kernels they adapt, rank replicated.
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.lora\.a$", P("fsdp", None)),  # [d, r]
+    (r"(q_proj|k_proj|v_proj)\.lora\.b$", P(None, "tensor", None)),  # [r, heads, head_dim]
+    (r"(gate_proj|up_proj)\.lora\.b$", P(None, "tensor")),  # [r, ffn]
+    (r"o_proj\.lora\.a$", P("tensor", None, None)),  # [heads, head_dim, r]
+    (r"down_proj\.lora\.a$", P("tensor", None)),  # [ffn, r]
+    (r"(o_proj|down_proj)\.lora\.b$", P(None, "fsdp")),  # [r, d]
 )
 
 

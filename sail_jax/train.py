@@ -48,13 +48,32 @@ class TrainState:
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh):
     """``(graphdef, state, shardings)`` with parameters and optimizer state laid out on ``mesh``."""
     graphdef, params = nnx.split(model)
+    return (graphdef, *_train_state(params, tx, mesh))
+
+
+def create_adapter_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh):
+    """LoRA: ``(graphdef, state, shardings, base, base_shardings)``. Only the adapters train (the
+    state, its gradients and optimizer state hold nothing else); the base is frozen, and is passed
+    to the steps as ``frozen["base"]`` (see ``policy``)."""
+    graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
+    base_shardings = param_shardings(base, mesh)
+    return (graphdef, *_train_state(adapters, tx, mesh), jax.device_put(base, base_shardings), base_shardings)
+
+
+def _train_state(params, tx, mesh):
     p_shardings = param_shardings(params, mesh)
     params = jax.device_put(params, p_shardings)
     o_shardings = opt_state_shardings(tx, jax.eval_shape(tx.init, params), params, mesh)
     opt_state = jax.jit(tx.init, out_shardings=o_shardings)(params)
     replicated = NamedSharding(mesh, P())
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
-    return graphdef, state, TrainState(replicated, p_shardings, o_shardings)
+    return state, TrainState(replicated, p_shardings, o_shardings)
+
+
+def policy(graphdef, params, frozen) -> nnx.Module:
+    """The model being trained: its parameters, plus the frozen base when they are LoRA adapters."""
+    base = (frozen or {}).get("base")
+    return nnx.merge(graphdef, params) if base is None else nnx.merge(graphdef, params, base)
 
 
 def frozen_copy(tree, shardings):
@@ -71,7 +90,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
         def objective(params):
-            return loss_fn(nnx.merge(graphdef, params), batch, frozen, rng)
+            return loss_fn(policy(graphdef, params, frozen), batch, frozen, rng)
 
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the model keeps activations over the batch axes
             (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -89,7 +108,7 @@ def make_eval_step(graphdef, loss_fn: LossFn, mesh: Mesh, param_shardings_, froz
     """``(params, batch, frozen) -> metrics`` (the loss included), no gradients."""
 
     def step(params, batch, frozen):
-        loss, metrics = loss_fn(nnx.merge(graphdef, params), batch, frozen, jax.random.key(seed))
+        loss, metrics = loss_fn(policy(graphdef, params, frozen), batch, frozen, jax.random.key(seed))
         return {**metrics, "loss": loss}
 
     return jax.jit(step, in_shardings=(param_shardings_, batch_sharding(mesh), frozen_shardings),

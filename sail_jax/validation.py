@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import jax
 
@@ -71,6 +72,26 @@ def _validate_run(config, *, task_builds_model: bool = False) -> None:
     _require(int(config.checkpoint.keep) >= 1, "config.checkpoint.keep must be >= 1")
     validate_optim(config.optim)
     validate_mesh_and_batches(config, "batch_size", "eval_batch_size")
+    validate_lora(config)
+
+
+LORA_RECIPES = ("sft", "dpo")
+
+
+def validate_lora(config) -> None:
+    lora = config.get("lora")
+    if lora is None or int(lora.rank) == 0:
+        return
+    _require(int(lora.rank) > 0, f"config.lora.rank={lora.rank!r} must be >= 0 (0: full training)")
+    _require(config.recipe in LORA_RECIPES, f"config.lora.rank={lora.rank}: LoRA runs the {list(LORA_RECIPES)} "
+                                            f"recipes so far, not {config.recipe!r}; set lora.rank=0")
+    _require(float(lora.alpha) > 0, f"config.lora.alpha={lora.alpha!r} must be > 0")
+    _require(float(lora.dropout) == 0.0, f"config.lora.dropout={lora.dropout!r}: adapter dropout is not "
+                                         "implemented yet; set it to 0")
+    try:
+        re.compile(lora.targets)
+    except re.error as e:
+        _require(False, f"config.lora.targets={lora.targets!r} is not a regular expression: {e}")
 
 
 def _validate_paths(config, *, data: bool) -> None:

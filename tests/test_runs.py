@@ -212,6 +212,7 @@ def test_an_over_long_or_empty_row_raises_naming_file_and_line_or_is_skipped_and
     ("--config.nosuch.key=1", "--config.nosuch.key: the config has no key 'nosuch'"),
     ("--config=configs/nope.py", "configs/nope.py [Errno 2] No such file or directory"),
     ("task", "task: only a SAIL config without model.path builds task files"),
+    ("--config.lora.rank=-1", "config.lora.rank=-1 must be >= 0 (0: full training)"),
 ])
 def test_user_errors_print_one_message_and_exit_2(data, tmp_path, flag, message):
     out = _run(_cmd(data, tmp_path / "run", flag))

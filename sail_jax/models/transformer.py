@@ -34,12 +34,16 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros(out_shape, config.weight_dtype)) if bias else None
         self.n_in = len(in_shape)
         self.dtype = config.compute_dtype
+        self.lora = nnx.data(None)  # a LoRA adapter (sail_jax.models.lora), when attached
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
         axes = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=axes)
+        y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=axes)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return y
 
 
