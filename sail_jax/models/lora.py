@@ -72,7 +72,7 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, targets: str = DEFAU
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Fold every adapter into its kernel and remove it (in place): the plain model the adapters
-    define, for export and for sampling without the adapters' extra matmuls."""
+    define, which ``export/`` holds and any Hugging Face loader reads."""
     for _, layer in adapted_layers(model, r""):
         if layer.lora is not None:
             kernel = layer.kernel[...]
