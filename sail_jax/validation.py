@@ -91,24 +91,39 @@ def validate_lora(config) -> None:
     try:
         re.compile(lora.targets)
     except re.error as e:
-        _require(False, f"config.lora.targets={lora.targets!r} is not a regular expression: {e}")
+        raise ConfigError(f"config.lora.targets={lora.targets!r} is not a regular expression: {e}") from None
 
 
 def _validate_paths(config, *, data: bool) -> None:
     """Every file or folder the config names exists (data files only where the user gives them)."""
     d = config.data
     _require(d.source in SOURCES, f"config.data.source={d.source!r} is unknown; valid: {list(SOURCES)}")
-    _require(d.get("on_error", "raise") in ON_ERROR, f"config.data.on_error={d.on_error!r}; valid: {list(ON_ERROR)}")
+    _validate_on_error(d)
     if data and d.source == "jsonl":
         _require(bool(d.train_path), "config.data.train_path is empty: set it to a JSONL file of training records")
         for key in ("train_path", "eval_path"):
             _require(not d[key] or os.path.isfile(d[key]), f"config.data.{key}={d[key]!r}: no such file")
-    folders = [("model.tokenizer_path", config.model.get("tokenizer_path", "")),
-               ("reference.path", config.get("reference", {}).get("path", "")),
-               ("reward.path", config.get("reward", {}).get("path", "")),
-               ("reward.eval_path", config.get("reward", {}).get("eval_path", ""))]
-    for key, path in folders:
-        _require(not path or "://" in path or os.path.isdir(path), f"config.{key}={path!r}: no such folder")
+    _require_folders(config, ("model.tokenizer_path", "reference.path", "reward.path", "reward.eval_path"),
+                     remote_ok=True)
+
+
+def _validate_on_error(data) -> None:
+    _require(data.get("on_error", "raise") in ON_ERROR,
+             f"config.data.on_error={data.on_error!r}; valid: {list(ON_ERROR)}")
+
+
+def _validate_lengths(data) -> None:
+    _require(0 < data.max_prompt_length < data.max_length,
+             f"config.data: need 0 < max_prompt_length ({data.max_prompt_length}) < max_length ({data.max_length})")
+
+
+def _require_folders(config, keys, *, remote_ok: bool) -> None:
+    """Each ``section.key`` the config sets names an existing folder (``gs://...`` passes when ``remote_ok``)."""
+    for key in keys:
+        section, name = key.split(".")
+        path = config.get(section, {}).get(name, "")
+        _require(not path or (remote_ok and "://" in path) or os.path.isdir(path),
+                 f"config.{key}={path!r}: no such folder")
 
 
 def _validate_preference_loss(loss) -> None:
@@ -122,9 +137,7 @@ def validate_training_config(config) -> None:
     _require(config.recipe in RECIPES, f"config.recipe={config.recipe!r}: valid offline recipes {sorted(RECIPES)}")
     _validate_run(config)
     _validate_paths(config, data=True)
-    d = config.data
-    _require(0 < d.max_prompt_length < d.max_length,
-             f"config.data: need 0 < max_prompt_length ({d.max_prompt_length}) < max_length ({d.max_length})")
+    _validate_lengths(config.data)
     if config.recipe == "dpo":
         _validate_preference_loss(config.loss)
         _require(not (config.reference.free and config.reference.precompute),
@@ -136,13 +149,10 @@ def validate_training_config(config) -> None:
 
 def validate_score_pairs_config(config) -> None:
     d = config.data
-    _require(d.on_error in ON_ERROR, f"config.data.on_error={d.on_error!r}; valid: {list(ON_ERROR)}")
+    _validate_on_error(d)
     _require(not d.path or os.path.isfile(d.path), f"config.data.path={d.path!r}: no such file")
-    _require(0 < d.max_prompt_length < d.max_length,
-             f"config.data: need 0 < max_prompt_length ({d.max_prompt_length}) < max_length ({d.max_length})")
-    for key in ("model.path", "reference.path", "model.tokenizer_path"):
-        path = config[key.split(".")[0]].get(key.split(".")[1], "")
-        _require(not path or os.path.isdir(path), f"config.{key}={path!r}: no such folder")
+    _validate_lengths(d)
+    _require_folders(config, ("model.path", "reference.path", "model.tokenizer_path"), remote_ok=False)
     _validate_preference_loss(config.loss)
 
 

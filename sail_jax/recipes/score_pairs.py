@@ -68,7 +68,8 @@ def run(config, workdir: str) -> dict:
     dropped: list[int] = []  # rows over the lengths (data.on_error=skip); each is reported
     encoded = encode_preference(source, tokenizer, max_prompt_length=d.max_prompt_length, max_length=d.max_length,
                                 on_error=d.on_error, dropped=dropped)
-    records = [r for i, r in enumerate(source.rows) if i not in set(dropped)]
+    skipped = set(dropped)
+    records = [r for i, r in enumerate(source.rows) if i not in skipped]
     for i in dropped:
         print(f"skipped {source.origin(i)}: longer than data.max_prompt_length/max_length")
     chosen, rejected = ({k: encoded.arrays[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "loss_mask")}
