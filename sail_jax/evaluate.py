@@ -29,18 +29,24 @@ from sail_jax.sampling import generate
 from sail_jax.sharding import batch_sharding, data_parallel_size
 
 
+def as_states(params) -> tuple:
+    """A model's parameters as the tuple ``nnx.merge`` takes: one state, or (LoRA) adapters and base."""
+    return params if isinstance(params, tuple) else (params,)
+
+
 def make_logp_fn(graphdef, mesh=None):
     """``(params, prompt_ids, prompt_mask, response, response_mask) -> log π(response|prompt)``, a host
-    array [n], jitted. Every process passes the same host rows; they are placed on the mesh over the
-    batch axes when they divide (else replicated), so no device computes every row."""
-    fn = jax.jit(lambda params, p, pm, r, rm: response_logps(nnx.merge(graphdef, params), p, pm, r, rm)[0])
+    array [n], jitted; ``params`` is one state or a tuple of states (see ``as_states``). Every process
+    passes the same host rows; they are placed on the mesh over the batch axes when they divide (else
+    replicated), so no device computes every row."""
+    fn = jax.jit(lambda states, p, pm, r, rm: response_logps(nnx.merge(graphdef, *states), p, pm, r, rm)[0])
     if mesh is None:
-        return lambda params, *rows: np.asarray(fn(params, *rows))
+        return lambda params, *rows: np.asarray(fn(as_states(params), *rows))
 
     def logp(params, *rows):
         rows = [np.asarray(x) for x in rows]
         sharding = batch_sharding(mesh) if len(rows[0]) % data_parallel_size(mesh) == 0 else NamedSharding(mesh, P())
-        return np.asarray(to_host(fn(params, *(global_array(x, sharding) for x in rows))))
+        return np.asarray(to_host(fn(as_states(params), *(global_array(x, sharding) for x in rows))))
 
     return logp
 
@@ -78,19 +84,23 @@ def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[st
 
 
 class Evaluator:
-    def __init__(self, graphdef, ref_params, *, prompts, eval_arrays, reward_source, tokenizer, gen_cfg,
+    """``evaluator(params)``: the metrics above for the policy ``nnx.merge(graphdef, *as_states(params))``.
+    ``reference`` is ``(graphdef, params)`` of the reference policy (with LoRA: the base's own graph)."""
+
+    def __init__(self, graphdef, reference, *, prompts, eval_arrays, reward_source, tokenizer, gen_cfg,
                  beta: float, batch_size: int, seed: int, missing_eos_penalty: float = 0.0, mesh=None):
-        self.graphdef, self.ref_params = graphdef, ref_params
         self.prompts, self.arrays = prompts, eval_arrays
         self.reward_source, self.tokenizer, self.gen_cfg = reward_source, tokenizer, gen_cfg
         self.beta, self.batch_size, self.penalty = beta, batch_size, missing_eos_penalty
-        self.logp = make_logp_fn(graphdef, mesh)
+        self.policy = (graphdef, make_logp_fn(graphdef, mesh))
+        ref_graphdef, self.ref_params = reference
+        self.ref = (ref_graphdef, make_logp_fn(ref_graphdef, mesh))
         # Across processes, sampling inputs must be placed on the mesh; one process keeps jit's choice.
         self.sampling_sharding = batch_sharding(mesh) if mesh is not None and jax.process_count() > 1 else None
         self.key = jax.random.key(seed)
-        self.reference = self._samples(ref_params, jax.random.fold_in(self.key, 1))
+        self.reference = self._samples(self.ref, self.ref_params, jax.random.fold_in(self.key, 1))
         self.has_pairs = "chosen_response" in eval_arrays
-        self.reference_pair_logps = self._pair_logps(ref_params) if self.has_pairs else None
+        self.reference_pair_logps = self._pair_logps(self.ref[1], self.ref_params) if self.has_pairs else None
         self.last = self.reference  # the policy samples of the latest evaluation
 
     def _chunks(self):
@@ -99,9 +109,11 @@ class Evaluator:
             idx = np.arange(i, i + self.batch_size) % n  # the last chunk wraps: one compiled shape
             yield idx, min(self.batch_size, n - i)
 
-    def _samples(self, params, key):
-        """Policy samples at temperature 1 with their rewards and their log-probs under both models."""
-        model = nnx.merge(self.graphdef, params)
+    def _samples(self, which, params, key):
+        """Samples of ``which`` (``(graphdef, logp)``) at temperature 1, with their rewards and their
+        log-probs under it and under the reference."""
+        graphdef, logp = which
+        model = nnx.merge(graphdef, *as_states(params))
         out = {"tokens": [], "mask": [], "finished": [], "logp": [], "ref_logp": []}
         chunks = list(self._chunks())
         for c, (idx, keep) in enumerate(bar(chunks, f"evaluating on {len(self.prompts)} held-out prompts")):
@@ -113,8 +125,8 @@ class Evaluator:
             out["tokens"].append(tokens[:keep])
             out["mask"].append(mask[:keep])
             out["finished"].append(finished[:keep])
-            out["logp"].append(self.logp(params, p, pm, tokens, mask)[:keep])
-            out["ref_logp"].append(self.logp(self.ref_params, p, pm, tokens, mask)[:keep])
+            out["logp"].append(logp(params, p, pm, tokens, mask)[:keep])
+            out["ref_logp"].append(self.ref[1](self.ref_params, p, pm, tokens, mask)[:keep])
         out = {k: np.concatenate(v) for k, v in out.items()}
         texts = decode_responses(self.tokenizer, out["tokens"], out["mask"])
         out["score"] = self.reward_source(self.prompts, texts)
@@ -123,7 +135,14 @@ class Evaluator:
         return out
 
     def __call__(self, params) -> dict[str, float]:
-        pol = self.last = self._samples(params, jax.random.fold_in(self.key, 2))
+        return self._metrics(self.policy, params)
+
+    def reference_metrics(self) -> dict[str, float]:
+        """The same metrics for the reference policy itself (its own samples, with the policy's key)."""
+        return self._metrics(self.ref, self.ref_params)
+
+    def _metrics(self, which, params) -> dict[str, float]:
+        pol = self.last = self._samples(which, params, jax.random.fold_in(self.key, 2))
         ref = self.reference
         metrics = {
             "reward": float(np.mean(pol["reward"])),
@@ -136,21 +155,21 @@ class Evaluator:
             "distinct_2": distinct_n(pol["tokens"], pol["mask"], 2),
         }
         if self.has_pairs:
-            metrics.update(self._heldout_pairs(params))
+            metrics.update(self._heldout_pairs(which[1], params))
         return metrics
 
-    def _pair_logps(self, params) -> dict[str, np.ndarray]:
+    def _pair_logps(self, logp, params) -> dict[str, np.ndarray]:
         """log π(response | prompt) of each held-out pair's chosen and rejected response."""
         a = self.arrays
         out = {}
         for side in ("chosen", "rejected"):
             args = (a["prompt_ids"], a["prompt_mask"], a[f"{side}_response"], a[f"{side}_response_mask"])
-            out[side] = np.concatenate([self.logp(params, *(x[idx] for x in args))[:keep]
+            out[side] = np.concatenate([logp(params, *(x[idx] for x in args))[:keep]
                                         for idx, keep in self._chunks()])
         return out
 
-    def _heldout_pairs(self, params) -> dict[str, float]:
-        pol, ref = self._pair_logps(params), self.reference_pair_logps
+    def _heldout_pairs(self, logp, params) -> dict[str, float]:
+        pol, ref = self._pair_logps(logp, params), self.reference_pair_logps
         m = preference_metrics(jnp.asarray(pol["chosen"]), jnp.asarray(pol["rejected"]), jnp.asarray(ref["chosen"]),
                                jnp.asarray(ref["rejected"]), beta=self.beta)
         return {f"heldout/{k}": float(v) for k, v in m.items() if k.startswith("rewards/")}

@@ -15,6 +15,7 @@ from flax import nnx
 from sail_jax.logprobs import sequence_logprobs, token_logprobs
 from sail_jax.losses import check_loss_type, masked_mean, preference_loss, preference_metrics
 from sail_jax.sail_terms import TERMS, sail_terms
+from sail_jax.train import policy
 
 REFERENCE_MODES = ("model", "cached", "none")  # live reference forward, precomputed log-probs, reference-free
 
@@ -184,7 +185,7 @@ def make_term_gradient_norms(graphdef, objective):
 
     def norms(params, batch, frozen):
         def forward(p):
-            logps, score, lengths = sail_batch_logps(nnx.merge(graphdef, p), batch,
+            logps, score, lengths = sail_batch_logps(policy(graphdef, p, frozen), batch,
                                                      score_temperature=objective.score_temperature)
             return (logps, score), lengths
 

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -36,7 +35,8 @@ from sail_jax.sail_terms import (ROUTE_DP, ROUTE_PP, ROUTE_PR, RunningBaseline, 
 from sail_jax.optim import make_optimizer
 from sail_jax.sampling import generate
 from sail_jax.sharding import batch_sharding, data_parallel_size
-from sail_jax.train import create_train_state, frozen_copy, make_train_step
+from sail_jax.train import checkpoint_dir, make_train_step
+from sail_jax.trainable import prepare
 
 _ROUTE_KEY, _GEN_KEY, _SELECT_KEY, _LABEL_KEY, _DP_KEY = range(5)
 
@@ -70,11 +70,14 @@ class OnlineLoop:
         self.block_len = int(self.gen.interval) * int(self.gen.reuse)
         self.needs_samples = float(self.sail.p_pp) + float(self.sail.p_pr) > 0
         self.tx = make_optimizer(config.optim, config.steps)
-        self.graphdef, self.state, self.shardings = create_train_state(model, self.tx, mesh)
-        self.ref_params = frozen_copy(self.state.params, self.shardings.params)
-        self.logp = make_logp_fn(self.graphdef, mesh)
+        self.trainable, self.state, self.shardings = prepare(model, self.tx, mesh, config.lora, seed=config.seed)
+        self.graphdef = self.trainable.graphdef
+        # The reference: a copy of the initial policy, or with LoRA the base itself (adapters off).
+        self.ref_graphdef, self.ref_params = self.trainable.reference(self.state.params, self.shardings.params)
+        self.logp = make_logp_fn(self.graphdef, mesh)  # of the policy: takes self.policy_params()
+        self.ref_logp = make_logp_fn(self.ref_graphdef, mesh)
         replicated = NamedSharding(mesh, P())
-        self.frozen_shardings = {"baseline": replicated}
+        self.frozen_shardings = {"baseline": replicated, **self.trainable.frozen_shardings}
         objective = make_sail_objective(config.loss, self.sail, score_temperature=self._score_temperature(),
                                         data_parallel=data_parallel_size(mesh),
                                         grad_accum_steps=int(config.optim.grad_accum_steps))
@@ -89,7 +92,7 @@ class OnlineLoop:
         self.key = jax.random.key(config.seed)
         self.block: Block | None = None
         self.seconds = {"generation": 0.0, "steps": 0.0}  # totals of this process's run, for summaries
-        self.evaluator = Evaluator(self.graphdef, self.ref_params, reward_source=eval_reward_source or reward_source,
+        self.evaluator = Evaluator(self.graphdef, (self.ref_graphdef, self.ref_params), reward_source=eval_reward_source or reward_source,
                                    tokenizer=tokenizer, gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
                                    missing_eos_penalty=float(config.reward.missing_eos_penalty), mesh=mesh,
                                    **evaluator_args)
@@ -101,6 +104,10 @@ class OnlineLoop:
         t = self.sail.get("score_temperature", None)
         return float(self.gen.temperature if t is None else t)
 
+    def policy_params(self) -> tuple:
+        """The current policy's parameters as the logp functions and the evaluator take them."""
+        return self.trainable.states(self.state.params)
+
     def _key(self, kind: int, step: int) -> jax.Array:
         return jax.random.fold_in(jax.random.fold_in(self.key, kind), step)
 
@@ -109,7 +116,7 @@ class OnlineLoop:
         batches = [next(self.prompts) for _ in range(int(self.gen.interval))]
         samples, seconds, tokens = [], 0.0, 0
         if self.needs_samples:
-            model = nnx.merge(self.graphdef, self.state.params)
+            model = self.trainable.model(self.state.params)  # adapters applied, not merged (README: LoRA)
             for i, batch in enumerate(batches):
                 t0 = time.time()
                 out = generate(model, batch["prompt_ids"], batch["prompt_mask"], self._key(_GEN_KEY, step * 1000 + i),
@@ -136,14 +143,14 @@ class OnlineLoop:
                                         p_pp=float(self.sail.p_pp), p_pr=float(self.sail.p_pr)))
         out = {k: batch[k].copy() for k in ("prompt_ids", "prompt_mask", "chosen_response", "chosen_response_mask",
                                               "rejected_response", "rejected_response_mask")}
-        ref = {s: self.logp(self.ref_params, p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
+        ref = {s: self.ref_logp(self.ref_params, p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
                for s in ("chosen", "rejected")}
         out["ref_chosen_logps"], out["ref_rejected_logps"] = ref["chosen"], ref["rejected"]
         valid = batch["valid"].astype(bool).copy()
         metrics: dict[str, float] = {}
 
         if float(self.sail.p_dp) > 0:  # resample the dataset label from the current policy
-            pol = {s: self.logp(self.state.params, p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
+            pol = {s: self.logp(self.policy_params(), p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
                    for s in ("chosen", "rejected")}
             h = (pol["chosen"] - ref["chosen"]) - (pol["rejected"] - ref["rejected"])
             swap = np.asarray(dp_swaps(self._key(_DP_KEY, step), jnp.asarray(h), self.beta)) & (routes == ROUTE_DP)
@@ -160,8 +167,8 @@ class OnlineLoop:
             k = int(self.sail.num_samples)
             tokens, smask, finished = samples["tokens"], samples["mask"], samples["finished"]
             rp, rpm = np.repeat(p, k, axis=0), np.repeat(pm, k, axis=0)
-            ref_s = self.logp(self.ref_params, rp, rpm, tokens, smask).reshape(b, k)
-            pol_s = self.logp(self.state.params, rp, rpm, tokens, smask).reshape(b, k)
+            ref_s = self.ref_logp(self.ref_params, rp, rpm, tokens, smask).reshape(b, k)
+            pol_s = self.logp(self.policy_params(), rp, rpm, tokens, smask).reshape(b, k)
             implicit = self.beta * (pol_s - ref_s)
             reward = np.zeros((b, k), np.float32)
             if (routes == ROUTE_PR).any():
@@ -216,7 +223,7 @@ class OnlineLoop:
         # places its own rows of it.
         sharding = batch_sharding(self.mesh)
         placed = {k: global_array(v, sharding) for k, v in train_batch.items()}
-        frozen = {"baseline": self.baseline_for_step}
+        frozen = {"baseline": self.baseline_for_step, **self.trainable.frozen}
         if self.log_term_grads and (step + 1) % int(self.config.log_every) == 0:  # before the step donates the state
             metrics.update(self.term_gradient_norms(self.state.params, placed, frozen))
         self.state, step_metrics = self.train_step(self.state, placed, frozen)
@@ -240,8 +247,8 @@ class OnlineLoop:
         if self.sail.baseline != "running":
             return
         p, pm = batch["prompt_ids"], batch["prompt_mask"]
-        c = self.logp(self.state.params, p, pm, batch["chosen_response"], batch["chosen_response_mask"])
-        r = self.logp(self.state.params, p, pm, batch["rejected_response"], batch["rejected_response_mask"])
+        c = self.logp(self.policy_params(), p, pm, batch["chosen_response"], batch["chosen_response_mask"])
+        r = self.logp(self.policy_params(), p, pm, batch["rejected_response"], batch["rejected_response_mask"])
         ell = implicit_log_likelihood(c, r, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=self.beta)
         self.baseline = update_running_baseline(self.baseline, ell, batch["route"], batch["valid"],
                                                 decay=float(self.sail.baseline_decay))
@@ -253,15 +260,16 @@ class OnlineLoop:
                                      jnp.float32(self.config.reference.sync_alpha))
 
     def export_model(self):
-        """The current policy as an nnx model (for ``save_pretrained``)."""
-        return nnx.merge(self.graphdef, self.state.params)
+        """The current policy as one plain nnx model (LoRA adapters merged; for ``save_pretrained``)."""
+        return self.trainable.export_model(self.state.params)
 
     def checkpoint_extra(self) -> dict:
-        return {"data": self.prompts.get_state(),
+        return {"data": self.prompts.get_state(), **self.trainable.checkpoint_extra(),
                 "baseline": {"mean": np.asarray(self.baseline.mean).tolist(),
                              "initialized": np.asarray(self.baseline.initialized).tolist()}}
 
     def load_extra(self, extra: dict) -> None:
+        self.trainable.check_checkpoint(extra, checkpoint_dir(self.config, self.workdir))
         self.prompts.set_state(extra["data"])
         self.baseline = RunningBaseline(mean=jnp.asarray(extra["baseline"]["mean"], jnp.float32),
                                         initialized=jnp.asarray(extra["baseline"]["initialized"], jnp.bool_))
@@ -270,7 +278,7 @@ class OnlineLoop:
                             "from the initial policy on resume")
 
     def evaluate(self) -> dict[str, float]:
-        return self.evaluator(self.state.params)
+        return self.evaluator(self.policy_params())
 
     def can_checkpoint(self, done: int) -> bool:
         """Only between generation blocks: the block's samples and prompts are not checkpointed."""
@@ -279,6 +287,6 @@ class OnlineLoop:
     def run(self, data_counts: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
         """Train to ``config.steps`` (resuming if a checkpoint exists); returns (first eval, last eval).
         ``data_counts`` (rows skipped per split) go to metrics.jsonl as split "data"."""
-        initial = self.evaluator(self.ref_params)
+        initial = self.evaluator.reference_metrics()
         return initial, drive(self, self.config, self.workdir, desc="sail",
                               step0={"eval": initial, "data": data_counts or {}})

@@ -31,8 +31,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sail_jax.errors import UserError
+from sail_jax.models.lora import with_dropout_keys
 from sail_jax.optim import learning_rate
 from sail_jax.sharding import batch_sharding, opt_state_shardings, param_shardings
+
+_DROPOUT_STREAM = 0x10AA  # the step key's branch that adapter dropout draws from (the loss keeps the key)
 
 # loss_fn(model, batch, frozen, rng) -> (scalar loss, {name: scalar metric})
 LossFn = Callable[[nnx.Module, dict, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -51,11 +54,13 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh
     return (graphdef, *_train_state(params, tx, mesh))
 
 
-def create_adapter_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh):
-    """LoRA: ``(graphdef, state, shardings, base, base_shardings)``. Only the adapters train (the
-    state, its gradients and optimizer state hold nothing else); the base is frozen, and is passed
-    to the steps as ``frozen["base"]`` (see ``policy``)."""
-    graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
+def create_adapter_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                               trainable=nnx.LoRAParam):
+    """LoRA: ``(graphdef, state, shardings, base, base_shardings)``. Only the adapters (and whatever
+    else ``trainable``, an nnx filter, selects: a reward model's new head) train: the state, its
+    gradients and optimizer state hold nothing else; the base is frozen, and is passed to the steps as
+    ``frozen["base"]`` (see ``policy``)."""
+    graphdef, adapters, base = nnx.split(model, trainable, ...)
     base_shardings = param_shardings(base, mesh)
     return (graphdef, *_train_state(adapters, tx, mesh), jax.device_put(base, base_shardings), base_shardings)
 
@@ -90,7 +95,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
         def objective(params):
-            return loss_fn(policy(graphdef, params, frozen), batch, frozen, rng)
+            model = with_dropout_keys(policy(graphdef, params, frozen), jax.random.fold_in(rng, _DROPOUT_STREAM))
+            return loss_fn(model, batch, frozen, rng)
 
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the model keeps activations over the batch axes
             (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)

@@ -75,23 +75,23 @@ def _validate_run(config, *, task_builds_model: bool = False) -> None:
     validate_lora(config)
 
 
-LORA_RECIPES = ("sft", "dpo")
-
-
 def validate_lora(config) -> None:
     lora = config.get("lora")
     if lora is None or int(lora.rank) == 0:
         return
     _require(int(lora.rank) > 0, f"config.lora.rank={lora.rank!r} must be >= 0 (0: full training)")
-    _require(config.recipe in LORA_RECIPES, f"config.lora.rank={lora.rank}: LoRA runs the {list(LORA_RECIPES)} "
-                                            f"recipes so far, not {config.recipe!r}; set lora.rank=0")
     _require(float(lora.alpha) > 0, f"config.lora.alpha={lora.alpha!r} must be > 0")
-    _require(float(lora.dropout) == 0.0, f"config.lora.dropout={lora.dropout!r}: adapter dropout is not "
-                                         "implemented yet; set it to 0")
+    _require(0.0 <= float(lora.dropout) < 1.0, f"config.lora.dropout={lora.dropout!r} must be in [0, 1)")
     try:
         re.compile(lora.targets)
     except re.error as e:
         raise ConfigError(f"config.lora.targets={lora.targets!r} is not a regular expression: {e}") from None
+    path = lora.get("path", "")
+    _require(not path or os.path.isdir(path), f"config.lora.path={path!r} is not a folder (a PEFT adapter folder: "
+                                              "adapter_config.json + adapter_model.safetensors)")
+    _require(int(config.get("reference", {}).get("sync_every", 0)) == 0,
+             "config.reference.sync_every > 0 (TR-DPO's reference sync) needs a reference separate from the policy; "
+             "with LoRA the reference is the frozen base itself. Set reference.sync_every=0 or lora.rank=0")
 
 
 def _validate_paths(config, *, data: bool) -> None:

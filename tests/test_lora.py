@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import chex
 import jax
@@ -26,7 +25,7 @@ from sail_jax.objectives import make_dpo_objective
 from sail_jax.optim import make_optimizer
 from sail_jax.sharding import bytes_per_device, make_mesh, shard_batch, sharding_fn
 from sail_jax.tokenization import Tokenizer
-from sail_jax.train import create_adapter_train_state, create_train_state, frozen_copy, make_train_step, policy
+from sail_jax.train import create_adapter_train_state, create_train_state, frozen_copy, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,7 +118,8 @@ def test_a_sharded_lora_step_equals_one_device(tiny_checkpoint, mesh_shape):
 def test_lora_dpo_learns_resumes_exactly_and_exports_the_merged_model(tiny_checkpoint, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(64, 1))
     evalp = write_jsonl(tmp_path / "eval.jsonl", synthetic_pairs(16, 2))
-    lora = ("--config.lora.rank=8", "--config.lora.alpha=16", "--config.optim.learning_rate=1e-2",
+    lora = ("--config.lora.rank=8", "--config.lora.alpha=16", "--config.lora.dropout=0.1",
+            "--config.optim.learning_rate=1e-2",
             "--config.optim.schedule=constant",  # the same math for 12 and 24 steps
             "--config.log_every=1", "--config.checkpoint.every=4", "--config.eval_every=100")
 
@@ -148,9 +148,10 @@ def test_lora_dpo_learns_resumes_exactly_and_exports_the_merged_model(tiny_check
 
 
 @pytest.mark.parametrize("recipe,key,value,message", [
-    ("dpo", "dropout", 0.05, "adapter dropout is not implemented yet"),
+    ("dpo", "dropout", 1.0, "config.lora.dropout=1.0 must be in [0, 1)"),
     ("dpo", "targets", "q_proj(", "is not a regular expression"),
-    ("reward", "rank", 8, "LoRA runs the ['sft', 'dpo'] recipes so far, not 'reward'"),
+    ("reward", "path", "/no/such/adapter", "config.lora.path='/no/such/adapter' is not a folder"),
+    ("dpo", "alpha", 0.0, "config.lora.alpha=0.0 must be > 0"),
 ])
 def test_lora_settings_that_cannot_run_fail_before_any_work(tiny_checkpoint, recipe, key, value, message):
     from sail_jax.validation import ConfigError, validate_config

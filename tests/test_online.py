@@ -113,7 +113,7 @@ def test_loop_labels_pr_by_the_reward_drops_ties_and_keeps_dataset_pairs_offline
     offline = np.where(routes == ROUTE_OFFLINE)[0]
     np.testing.assert_array_equal(out["chosen_response"][offline], batch["chosen_response"][offline])
     # Reference log-probs handed to the step are those of the responses actually used.
-    ref = np.asarray(loop.logp(loop.ref_params, out["prompt_ids"], out["prompt_mask"], out["chosen_response"],
+    ref = np.asarray(loop.ref_logp(loop.ref_params, out["prompt_ids"], out["prompt_mask"], out["chosen_response"],
                                out["chosen_response_mask"]))
     np.testing.assert_allclose(out["ref_chosen_logps"], ref, atol=1e-4)
 
@@ -126,7 +126,7 @@ def test_loop_pp_labels_follow_the_implicit_reward_law(loop):
     k, b = int(loop.sail.num_samples), 16
     rp, rpm = np.repeat(batch["prompt_ids"], k, 0), np.repeat(batch["prompt_mask"], k, 0)
     pol = np.asarray(loop.logp(loop.state.params, rp, rpm, samples["tokens"], samples["mask"])).reshape(b, k)
-    ref = np.asarray(loop.logp(loop.ref_params, rp, rpm, samples["tokens"], samples["mask"])).reshape(b, k)
+    ref = np.asarray(loop.ref_logp(loop.ref_params, rp, rpm, samples["tokens"], samples["mask"])).reshape(b, k)
     implicit = loop.beta * (pol - ref)
     p_first = 1 / (1 + np.exp(-(implicit[:, 0] - implicit[:, 1])))  # first_two selection
     hits, trials, expected = 0, 0, 0.0

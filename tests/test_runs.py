@@ -245,15 +245,16 @@ def test_a_stop_waits_for_a_step_where_the_trainer_can_resume_exactly(tiny_check
     from sail_jax.recipes.offline import OfflineTrainer
     from sail_jax.sharding import make_mesh
     from sail_jax.tokenization import Tokenizer
-    from sail_jax.train import create_train_state, make_train_step
+    from sail_jax.train import make_train_step
+    from sail_jax.trainable import prepare
 
     config = base_config("sft")
     config.update(steps=12, log_every=1, eval_every=100)
     config.checkpoint.update(every=0, async_save=False)
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     tx = make_optimizer(config.optim, config.steps)
-    graphdef, state, shardings = create_train_state(load_pretrained(tiny_checkpoint), tx, mesh)
-    step = make_train_step(graphdef, tx, sft_objective, mesh, shardings, {}, seed=0)
+    trainable, state, shardings = prepare(load_pretrained(tiny_checkpoint), tx, mesh, config.lora, seed=0)
+    step = make_train_step(trainable.graphdef, tx, sft_objective, mesh, shardings, {}, seed=0)
     arrays = encode_preference(Records(synthetic_pairs(16)), Tokenizer.from_pretrained(tiny_checkpoint),
                                max_prompt_length=40, max_length=48).arrays
     sft = {"input_ids": arrays["chosen_input_ids"], "attention_mask": arrays["chosen_attention_mask"],
@@ -268,7 +269,8 @@ def test_a_stop_waits_for_a_step_where_the_trainer_can_resume_exactly(tiny_check
             os.kill(os.getpid(), signal.SIGTERM)
         return step(s, b, {})
 
-    trainer = BlockTrainer(state, shardings, train_iterator(sft, 8, seed=0), mesh, train_step, lambda: {})
+    trainer = BlockTrainer(state, shardings, train_iterator(sft, 8, seed=0), mesh, train_step, lambda: {},
+                           trainable)
     with pytest.raises(Stopped) as stopped:
         drive(trainer, config, str(tmp_path), desc="sft")
     assert stopped.value.step == 8 and stopped.value.exit_code == 128 + signal.SIGTERM

@@ -22,15 +22,14 @@ from flax import nnx
 from sail_jax.configs import model_options
 from sail_jax.data.pipeline import Encoded, encode_preference, encode_sft, eval_batches, load_records, train_iterator
 from sail_jax.driver import drive
-from sail_jax.models import load_pretrained, save_pretrained
-from sail_jax.models.lora import add_lora, merge_lora
+from sail_jax.models import load_pretrained
 from sail_jax.objectives import make_dpo_objective, reference_logps, reward_objective, sft_objective
 from sail_jax.optim import make_optimizer
 from sail_jax.progress import bar, say
 from sail_jax.sharding import make_mesh, param_shardings, shard_batch, sharding_fn
 from sail_jax.tokenization import Tokenizer
-from sail_jax.train import (create_adapter_train_state, create_train_state, frozen_copy, make_eval_step,
-                            make_train_step, mean_metrics, policy)
+from sail_jax.train import checkpoint_dir, make_eval_step, make_train_step, mean_metrics
+from sail_jax.trainable import Trainable, export_policy, prepare
 from sail_jax.validation import validate_training_config
 from sail_jax.workdir import write_summary
 
@@ -96,15 +95,18 @@ class OfflineTrainer:
     mesh: Any
     train_step: Callable
     evaluate: Callable[[], dict[str, float]]
+    trainable: Trainable
+    checkpoint_directory: str = ""
 
     def step(self, step: int) -> dict:
         self.state, metrics = self.train_step(self.state, shard_batch(next(self.batches), self.mesh))
         return metrics
 
     def checkpoint_extra(self) -> dict:
-        return {"data": self.batches.get_state()}
+        return {"data": self.batches.get_state(), **self.trainable.checkpoint_extra()}
 
     def load_extra(self, extra: dict) -> None:
+        self.trainable.check_checkpoint(extra, self.checkpoint_directory)
         self.batches.set_state(extra["data"])
 
 
@@ -129,20 +131,13 @@ def run(config, workdir: str) -> dict[str, float]:
     model = load_pretrained(config.model.path, **model_options(config.model), shardings=sharding_fn(mesh),
                             task=recipe.model_task, head_seed=config.seed)
     tx = make_optimizer(config.optim, config.steps)
-    base_graphdef = nnx.graphdef(model)  # the model without adapters: with LoRA, the reference
-    if int(config.lora.rank):
-        add_lora(model, rank=int(config.lora.rank), alpha=float(config.lora.alpha), targets=config.lora.targets,
-                 seed=config.seed)
-        graphdef, state, shardings, base, base_shardings = create_adapter_train_state(model, tx, mesh)
-        frozen, frozen_shardings = {"base": base}, {"base": base_shardings}
-    else:
-        graphdef, state, shardings = create_train_state(model, tx, mesh)
-        frozen, frozen_shardings = {}, {}
+    trainable, state, shardings = prepare(model, tx, mesh, config.lora, seed=config.seed)
     del model
 
-    objective, extra, extra_shardings = _objective(config, workdir, base_graphdef, state, shardings, frozen, mesh,
+    objective, extra, extra_shardings = _objective(config, workdir, trainable, state, shardings, mesh,
                                                    {"train": train_data, "eval": eval_data})
-    frozen, frozen_shardings = {**frozen, **extra}, {**frozen_shardings, **extra_shardings}
+    graphdef = trainable.graphdef
+    frozen, frozen_shardings = {**trainable.frozen, **extra}, {**trainable.frozen_shardings, **extra_shardings}
     train_step = make_train_step(graphdef, tx, objective, mesh, shardings, frozen_shardings, seed=config.seed)
     eval_step = make_eval_step(graphdef, objective, mesh, shardings.params, frozen_shardings, seed=config.seed)
 
@@ -152,13 +147,14 @@ def run(config, workdir: str) -> dict[str, float]:
     eval_set = (eval_batches(eval_data.arrays, config.eval_batch_size // processes, process_index=index,
                              process_count=processes) if eval_data else [])
     trainer = OfflineTrainer(state, shardings, batches, mesh, lambda s, b: train_step(s, b, frozen),
-                             lambda: evaluate(eval_step, trainer.state.params, frozen, eval_set, mesh))
+                             lambda: evaluate(eval_step, trainer.state.params, frozen, eval_set, mesh), trainable,
+                             checkpoint_dir(config, workdir))
     skipped = {"train": train_data.skipped, "eval": eval_data.skipped if eval_data else 0}
     final = drive(trainer, config, workdir, desc=config.recipe,
                   step0={"data": {f"skipped/{k}": float(v) for k, v in skipped.items()}})
     export = os.path.join(workdir, "export") if config.get("export", True) else None
     if export:  # every process: sharded parameters are gathered collectively
-        save_pretrained(merge_lora(policy(graphdef, trainer.state.params, frozen)), export, tokenizer=tokenizer)
+        export_policy(config, trainable, trainer.state.params, workdir, tokenizer)
     if jax.process_index() == 0:
         text = summary_text(config.recipe, int(config.steps), final, skipped, export)
         write_summary(workdir, {"recipe": config.recipe, "steps": int(config.steps), "final": final,
@@ -183,7 +179,7 @@ def _has_eval(config) -> bool:
     return bool(d.eval_path) if d.source == "jsonl" else bool(d.get("eval_split"))
 
 
-def _objective(config, workdir, reference_graphdef, state, shardings, frozen, mesh, datasets):
+def _objective(config, workdir, trainable: Trainable, state, shardings, mesh, datasets):
     """The recipe's loss and its read-only inputs (the reference model for DPO: by default the initial
     policy, which with LoRA is the frozen base itself, not a copy)."""
     if config.recipe == "sft":
@@ -191,19 +187,17 @@ def _objective(config, workdir, reference_graphdef, state, shardings, frozen, me
     if config.recipe == "reward":
         return reward_objective, {}, {}
     mode = _reference_mode(config)
-    objective = make_dpo_objective(config.loss, reference_graphdef, mode)
+    objective = make_dpo_objective(config.loss, trainable.base_graphdef, mode)
     if mode == "none":
         return objective, {}, {}
     if config.reference.path:
         reference = load_pretrained(config.reference.path, jnp.dtype(config.model.dtype),
                                     param_dtype=config.model.get("param_dtype") or None, shardings=sharding_fn(mesh))
         ref_params = nnx.state(reference)
-    elif "base" in frozen:
-        ref_params = frozen["base"]  # the adapters off: the same arrays, passed twice
     else:
-        ref_params = frozen_copy(state.params, shardings.params)  # the initial policy
+        ref_params = trainable.reference(state.params, shardings.params)[1]
     if mode == "cached":
-        _precompute_reference(config, workdir, reference_graphdef, ref_params, mesh,
+        _precompute_reference(config, workdir, trainable.base_graphdef, ref_params, mesh,
                               {k: v for k, v in datasets.items() if v is not None})
         return objective, {}, {}
     return objective, {"reference": ref_params}, {"reference": param_shardings(ref_params, mesh)}

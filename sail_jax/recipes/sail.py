@@ -15,13 +15,14 @@ import jax
 
 from sail_jax.configs import model_options
 from sail_jax.data.pipeline import encode_online, load_records, train_iterator
-from sail_jax.models import load_pretrained, save_pretrained
+from sail_jax.models import load_pretrained
 from sail_jax.online import OnlineLoop
 from sail_jax.progress import say
 from sail_jax.rewards import make_eval_reward_source, make_reward_source
 from sail_jax.sharding import make_mesh, sharding_fn
 from sail_jax.tasks.prepare import prepare_task
 from sail_jax.tokenization import Tokenizer
+from sail_jax.trainable import export_policy
 from sail_jax.validation import validate_online_config
 from sail_jax.workdir import write_summary
 
@@ -64,7 +65,7 @@ def run(config, workdir: str) -> dict:
                                                "heldout/rewards/accuracies") if k in final},
                "train_seconds": loop.seconds["steps"],
                "generation_share": loop.seconds["generation"] / max(loop.seconds["steps"], 1e-9)}
-    save_pretrained(loop.export_model(), os.path.join(workdir, "export"), tokenizer=tokenizer)  # collective
+    export_policy(config, loop.trainable, loop.state.params, workdir, tokenizer)  # collective
     if jax.process_index() == 0:
         text = summary_text(summary, loop.evaluator.sample_table(), builtin)
         write_summary(workdir, summary, text)
