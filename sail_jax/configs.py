@@ -184,31 +184,41 @@ def ifeval_config(variant: str = "sail_pr", reduced: bool = False) -> ml_collect
 # slices it is planned for (`sail-jax plan` shows each fits), the mesh and the batch that fit them.
 PRESETS = {
     "qwen2_5_0_5b": dict(hub_id="Qwen/Qwen2.5-0.5B-Instruct", targets="v4-8,v5e-8,1xH100", batch_size=16,
-                         learning_rate=1e-6, remat="full"),
+                         learning_rate=1e-6, remat="full", lora_targets="v5e-8,v5e-32,1xH100"),
     "qwen2_5_1_5b": dict(hub_id="Qwen/Qwen2.5-1.5B-Instruct", targets="v4-8,v5e-8,1xH100", batch_size=16,
-                         learning_rate=1e-6, remat="full"),
+                         learning_rate=1e-6, remat="full", lora_targets="v5e-8,v5e-32,1xH100"),
     "qwen2_5_7b": dict(hub_id="Qwen/Qwen2.5-7B-Instruct", targets="v4-32,v5e-32", batch_size=64,
-                       learning_rate=5e-7, remat="full"),
+                       learning_rate=5e-7, remat="full", lora_targets="v5e-8,v5e-32,1xH100"),
     "llama3_8b": dict(hub_id="meta-llama/Meta-Llama-3-8B-Instruct", targets="v4-32,v5e-32", batch_size=64,
-                      learning_rate=5e-7, remat="full"),
+                      learning_rate=5e-7, remat="full", lora_targets="v5e-8,v5e-32,1xH100"),
 }
+# The paper's adapters (every attention and MLP projection) and the learning rate it tuned for them.
+PAPER_LORA = dict(rank=64, alpha=16.0, dropout=0.05)
+PAPER_LORA_LEARNING_RATE = 1e-5
 # The paper's datasets, as built by sail_jax.data.tfds_builders (name -> TFDS config).
 PRESET_DATASETS = {"ultrafeedback": "ultrafeedback", "pku_saferlhf": "pku_safe_rlhf", "hh_rlhf": "hh_rlhf"}
 
 
 def preset_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
     """SAIL on a public instruct model and one of the paper's preference sets (TFDS), with the paper's
-    β = 0.1 and RMSprop. The paper tuned lr 1e-5 for LoRA; we train all parameters (no LoRA yet), so
-    the presets use the 5e-7 to 1e-6 typical of full-parameter DPO. bf16 compute, float32 weights and
-    optimizer state, FSDP over every device, remat per decoder layer.
+    β = 0.1 and RMSprop. By default every parameter trains, at the 5e-7 to 1e-6 typical of
+    full-parameter DPO; ``lora`` gives the paper's own setting instead: LoRA r = 64, α = 16, dropout
+    0.05 on every projection at lr 1e-5, the frozen base (stored in bfloat16) as the reference,
+    planned on v5e-8, v5e-32 and one H100 (README has the plans). bf16 compute, float32 weights
+    (trained ones) and optimizer state, FSDP over every device, remat per decoder layer.
 
-    ``arg`` is what follows ':' in ``--config=configs/<model>_sail.py:<dataset>[,<variant>]``: the
-    dataset (ultrafeedback | pku_saferlhf | hh_rlhf, built with sail_jax.data.tfds_builders into
-    config.data.tfds_dir; default ultrafeedback) and a variant of VARIANTS (default sail_pp).
+    ``arg`` is what follows ':' in ``--config=configs/<model>_sail.py:<dataset>[,<variant>][,lora]``:
+    the dataset (ultrafeedback | pku_saferlhf | hh_rlhf, built with sail_jax.data.tfds_builders into
+    config.data.tfds_dir; default ultrafeedback), a variant of VARIANTS (default sail_pp), and ``lora``.
     reward.path is the reward model (an HF *ForSequenceClassification folder, e.g. trained with
     configs/reward.py): the evaluation scores with it, and SAIL-PR labels with it.
     """
-    dataset, _, variant = arg.partition(",")
+    parts = arg.split(",") if arg else []
+    lora = "lora" in parts
+    parts = [x for x in parts if x != "lora"]
+    if len(parts) > 2:
+        raise ValueError(f"preset argument {arg!r}: expected <dataset>[,<variant>][,lora]")
+    dataset, variant = (parts + ["", ""])[:2]
     dataset, variant = dataset or "ultrafeedback", variant or "sail_pp"
     if model not in PRESETS:
         raise ValueError(f"unknown preset model {model!r}; valid: {sorted(PRESETS)}")
@@ -230,4 +240,9 @@ def preset_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
     c.steps, c.log_every, c.eval_every = 1000, 10, 100
     c.checkpoint.update(every=100, keep=2)
     c.plan_targets = p["targets"]
+    if lora:
+        c.lora.update(PAPER_LORA)
+        c.model.param_dtype = "bfloat16"  # the frozen base; the adapters train in float32 whatever it is
+        c.optim.learning_rate = PAPER_LORA_LEARNING_RATE
+        c.plan_targets = p["lora_targets"]
     return c

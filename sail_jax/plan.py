@@ -6,7 +6,9 @@ Per device, for the config's model (its folder's ``config.json``, or ``model.hub
 remat policy, mesh and batch shapes:
 
   params, optimizer state,   exact: shard shapes under ``sharding.PARTITION_RULES`` on the target
-  gradients, reference       mesh (the reference is a second copy of the params when it is live)
+  gradients, reference       mesh (the reference is a second copy of the params when it is live;
+                             with LoRA, params/gradients/optimizer are the adapters', and the frozen
+                             base is its own row: it is the reference too, so there is no copy)
   activations                XLA's own buffer assignment for one device's rows of the loss and its
                              gradient, compiled (never run) on the host at 2 and 3 decoder layers,
                              extrapolated linearly to all layers and split over the tensor axis (a layer's saved activations and
@@ -37,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 from sail_jax.models import ModelConfig, build_model, init_cache
 from sail_jax.sampling import cache_length
 from sail_jax.sharding import AXES, opt_state_shardings, param_shardings, resolve_axis_sizes
+from sail_jax.train import policy
 
 GIB = 1024**3
 
@@ -134,8 +137,31 @@ def _sharded_bytes(tree, shardings) -> int:
     return sum(_nbytes(s.shard_shape(x.shape), x.dtype) for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
-def _abstract_params(model_config: ModelConfig):
-    return nnx.split(nnx.eval_shape(lambda: build_model(model_config)))
+@dataclasses.dataclass(frozen=True)
+class _Abstract:
+    """Abstract parameters: what trains, and (LoRA) the frozen base, which is also the reference."""
+
+    graphdef: object
+    params: object  # trained: every parameter, or the adapters
+    base: object | None  # LoRA's frozen base (None: full training)
+    base_graphdef: object  # the model without adapters (the reference's graph)
+
+
+def _abstract_model(model_config: ModelConfig, lora=None) -> _Abstract:
+    if lora is None or not int(lora.rank):
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(model_config)))
+        return _Abstract(graphdef, params, None, graphdef)
+    from sail_jax.models.lora import add_lora
+
+    base_graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(model_config)))
+
+    def adapted():
+        model = build_model(model_config)
+        add_lora(model, rank=int(lora.rank), alpha=float(lora.alpha), targets=lora.targets)
+        return model
+
+    graphdef, adapters, base = nnx.split(nnx.eval_shape(adapted), nnx.LoRAParam, ...)
+    return _Abstract(graphdef, adapters, base, base_graphdef)
 
 
 def _batch_spec(config, rows: int) -> tuple[dict[str, jax.ShapeDtypeStruct], str]:
@@ -180,12 +206,16 @@ def _objective(config, graphdef):
     return {"sft": sft_objective, "reward": reward_objective}[config.recipe]
 
 
-def _frozen(config, params):
+def _frozen(config, model: _Abstract):
+    """The train step's read-only inputs: with LoRA the base, which is also DPO's reference."""
+    frozen = {} if model.base is None else {"base": model.base}
     if config.recipe == "sail":
         from sail_jax.sail_terms import RunningBaseline
 
-        return {"baseline": jax.eval_shape(RunningBaseline.init)}
-    return {"reference": params} if _reference_is_live(config) else {}
+        return {**frozen, "baseline": jax.eval_shape(RunningBaseline.init)}
+    if _reference_is_live(config):
+        frozen["reference"] = model.params if model.base is None else model.base
+    return frozen
 
 
 def _compiled_temp(fn, *args) -> int:
@@ -220,16 +250,16 @@ def train_activation_bytes(config, model_config: ModelConfig, rows: int) -> int:
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
 
     def abstract(layers):
-        return _abstract_params(model_config.replace(num_layers=layers, sliding_windows=(
-            None if model_config.sliding_windows is None else model_config.sliding_windows[:layers])))
+        return _abstract_model(model_config.replace(num_layers=layers, sliding_windows=(
+            None if model_config.sliding_windows is None else model_config.sliding_windows[:layers])),
+            config.get("lora"))
 
     def measure(layers):
-        graphdef, params = abstract(layers)
-        objective = _objective(config, graphdef)
-        frozen = _frozen(config, params)
+        model = abstract(layers)
+        objective = _objective(config, model.base_graphdef)
 
         def grad(params, batch, frozen, rng):
-            grads = jax.grad(lambda p: objective(nnx.merge(graphdef, p), batch, frozen, rng)[0])(params)
+            grads = jax.grad(lambda p: objective(policy(model.graphdef, p, frozen), batch, frozen, rng)[0])(params)
             # Global-norm clipping makes XLA:CPU schedule every layer's recomputation early, undoing
             # remat (measured: 82 -> 225 MB on a tiny model); the plan assumes the accelerator keeps
             # remat's savings, and counts the clip's effect on the schedule only without remat.
@@ -237,13 +267,13 @@ def train_activation_bytes(config, model_config: ModelConfig, rows: int) -> int:
                 grads = optax.clip_by_global_norm(float(config.optim.clip_norm)).update(grads, None)[0]
             return grads
 
-        return _compiled_temp(grad, params, batch, frozen, rng)
+        return _compiled_temp(grad, model.params, batch, _frozen(config, model), rng)
 
     def saved(layers):
-        graphdef, params = abstract(layers)
-        objective = _objective(config, graphdef)
-        return _saved_bytes(lambda p, b, f, r: objective(nnx.merge(graphdef, p), b, f, r)[0], params, batch,
-                            _frozen(config, params), rng)
+        model = abstract(layers)
+        objective = _objective(config, model.base_graphdef)
+        return _saved_bytes(lambda p, b, f, r: objective(policy(model.graphdef, p, f), b, f, r)[0], model.params,
+                            batch, _frozen(config, model), rng)
 
     # Without remat the jaxpr's residuals overcount what XLA keeps (it fuses elementwise chains), so
     # the floor applies to remat policies only, where the residuals are the layer inputs or matmuls.
@@ -261,8 +291,10 @@ def labelling_bytes(config, model_config: ModelConfig, rows: int) -> int:
                  sds((rows, r), jnp.int32))
 
     def measure(layers):
-        graphdef, params = _abstract_params(model_config.replace(num_layers=layers, sliding_windows=None))
-        return _compiled_temp(lambda params, *x: response_logps(nnx.merge(graphdef, params), *x)[0], params, *rows_spec)
+        model = _abstract_model(model_config.replace(num_layers=layers, sliding_windows=None), config.get("lora"))
+        states = (model.params,) if model.base is None else (model.params, model.base)
+        return _compiled_temp(lambda states, *x: response_logps(nnx.merge(model.graphdef, *states), *x)[0], states,
+                              *rows_spec)
 
     return _per_layer_extrapolation(measure, model_config.num_layers)
 
@@ -292,12 +324,8 @@ def make_plan(config, *, target: Target | None = None, num_devices: int | None =
               model_config: ModelConfig | None = None) -> Plan:
     """The plan of ``config`` on ``target`` (or on ``num_devices`` devices without a memory verdict);
     ``model_config`` replaces the config's model (tests)."""
-    from sail_jax.errors import UserError
     from sail_jax.optim import make_optimizer
 
-    if int(config.get("lora", {}).get("rank", 0)):
-        raise UserError("plan: LoRA (lora.rank > 0) is not planned yet; plan the config with lora.rank=0, an upper "
-                        "bound (full training holds more)")
     devices = target.devices if target is not None else (num_devices or jax.device_count())
     sizes = dict(zip(AXES, resolve_axis_sizes(dict(config.mesh), devices)))
     mesh = AbstractMesh(tuple(sizes.values()), AXES)
@@ -306,7 +334,8 @@ def make_plan(config, *, target: Target | None = None, num_devices: int | None =
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
                          f"of mesh {sizes} on {devices} devices")
     model_config = model_config or model_config_of(config)
-    graphdef, params = _abstract_params(model_config)
+    model = _abstract_model(model_config, config.get("lora"))
+    params = model.params
     p_shardings = param_shardings(params, mesh)
     tx = make_optimizer(config.optim, int(config.steps))
     opt_state = jax.eval_shape(tx.init, params)
@@ -315,17 +344,19 @@ def make_plan(config, *, target: Target | None = None, num_devices: int | None =
     rows = int(config.batch_size) // dp
     batch, _ = _batch_spec(config, rows)
     params_bytes = _sharded_bytes(params, p_shardings)
+    lora = model.base is not None
     out = {
         "params": params_bytes,
+        **({"frozen base (= reference)": _sharded_bytes(model.base, param_shardings(model.base, mesh))} if lora else {}),
         "optimizer state": _sharded_bytes(opt_state, o_shardings),
         "gradients": params_bytes,
-        "reference": params_bytes if _reference_is_live(config) else 0,
+        "reference": params_bytes if _reference_is_live(config) and not lora else 0,
         "batch": sum(_nbytes(x.shape, x.dtype) for x in jax.tree.leaves(batch)),
         # XLA splits each layer's activations over the tensor axis (measured within 15% on 2-way TP).
         f"activations (remat={model_config.remat})": train_activation_bytes(config, model_config, rows) // sizes["tensor"],
-        "FSDP gathered weights": fsdp_gather_bytes(params, sizes, model_config),
+        "FSDP gathered weights": fsdp_gather_bytes(model.base if lora else params, sizes, model_config),
     }
-    state = out["params"] + out["optimizer state"] + out["reference"]
+    state = out["params"] + out.get("frozen base (= reference)", 0) + out["optimizer state"] + out["reference"]
     phases = {"train step": sum(out.values())}
     if config.recipe == "sail":
         samples = int(config.batch_size) * int(config.sail.num_samples)
@@ -341,18 +372,30 @@ def measured_train_step_bytes(config, model, mesh) -> int:
     """Per-device bytes of the real compiled train step (arguments + temporaries + outputs not
     aliased to the donated state): what ``make_plan``'s train phase predicts. Tiny models only."""
     from sail_jax.optim import make_optimizer
-    from sail_jax.train import abstract_like, create_train_state, make_train_step
+    from sail_jax.train import abstract_like, make_train_step
+    from sail_jax.trainable import prepare
 
     tx = make_optimizer(config.optim, int(config.steps))
-    graphdef, state, shardings = create_train_state(model, tx, mesh)
-    objective = _objective(config, graphdef)
-    frozen = _frozen(config, state.params)
+    trainable, state, shardings = prepare(model, tx, mesh, config.lora, seed=0)
+    objective = _objective(config, trainable.base_graphdef)
+    frozen, frozen_sh = dict(trainable.frozen), dict(trainable.frozen_shardings)
     replicated = NamedSharding(mesh, P())
-    frozen_sh = {"reference": shardings.params} if "reference" in frozen else jax.tree.map(lambda _: replicated, frozen)
-    frozen = abstract_like(frozen, frozen_sh)
-    step = make_train_step(graphdef, tx, objective, mesh, shardings, frozen_sh, seed=0)
+    if config.recipe == "sail":
+        from sail_jax.sail_terms import RunningBaseline
+
+        frozen["baseline"] = jax.eval_shape(RunningBaseline.init)
+        frozen_sh["baseline"] = jax.tree.map(lambda _: replicated, frozen["baseline"])
+    elif _reference_is_live(config):
+        if trainable.lora:
+            frozen["reference"], frozen_sh["reference"] = frozen["base"], frozen_sh["base"]
+        else:
+            frozen["reference"], frozen_sh["reference"] = state.params, shardings.params
+    step = make_train_step(trainable.graphdef, tx, objective, mesh, shardings, frozen_sh, seed=0)
     batch, _ = _batch_spec(config, int(config.batch_size))
-    m = step.lower(abstract_like(state, shardings), batch, frozen).compile().memory_analysis()
-    reference = _sharded_bytes(state.params, shardings.params) if config.recipe == "sail" else 0  # held outside the step
-    return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-               + reference)
+    m = step.lower(abstract_like(state, shardings), batch, abstract_like(frozen, frozen_sh)).compile().memory_analysis()
+    total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    if trainable.lora and "reference" in frozen:  # one buffer passed twice: XLA counts it twice
+        total -= _sharded_bytes(frozen["base"], frozen_sh["base"])
+    if config.recipe == "sail" and not trainable.lora:  # the reference copy, held outside the step
+        total += _sharded_bytes(state.params, shardings.params)
+    return int(total)

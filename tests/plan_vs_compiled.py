@@ -1,6 +1,6 @@
 """Run by tests/test_plan.py in a fresh process (XLA flags must precede jax): prints, as JSON, the
 planner's train-step bytes per device next to the compiled train step's, for tiny models on 1 or 8
-CPU devices, and the plan of a 64-layer, FSDP-sharded stand-in to check linear extrapolation."""
+CPU devices (full training and LoRA), and the plan of a 64-layer, FSDP-sharded stand-in to check linear extrapolation."""
 
 import json
 import os
@@ -16,16 +16,18 @@ from sail_jax.models import ModelConfig, build_model  # noqa: E402
 from sail_jax.plan import make_plan, measured_train_step_bytes  # noqa: E402
 from sail_jax.sharding import make_mesh  # noqa: E402
 
-CASES = [("dpo", (1, 1, 1), "none", 1.0), ("sail", (1, 8, 1), "none", 1.0), ("sft", (2, 2, 2), "none", 1.0),
-         ("dpo", (8, 1, 1), "full", 0.0), ("dpo", (8, 1, 1), "none", 0.0)]
+# (recipe, mesh, remat, clip_norm, LoRA rank)
+CASES = [("dpo", (1, 1, 1), "none", 1.0, 0), ("sail", (1, 8, 1), "none", 1.0, 0), ("sft", (2, 2, 2), "none", 1.0, 0),
+         ("dpo", (8, 1, 1), "full", 0.0, 0), ("dpo", (8, 1, 1), "none", 0.0, 0), ("dpo", (1, 1, 1), "none", 1.0, 8),
+         ("sail", (1, 8, 1), "none", 1.0, 8), ("dpo", (8, 1, 1), "none", 0.0, 8)]
 
 
 def main():
     rows = []
-    for recipe, mesh, remat, clip in CASES[: int(sys.argv[1]) if len(sys.argv) > 1 else None]:
+    for recipe, mesh, remat, clip, rank in CASES[: int(sys.argv[1]) if len(sys.argv) > 1 else None]:
         config = sail_config("sail_pp") if recipe == "sail" else base_config(recipe)
         config.mesh = dict(zip(("data", "fsdp", "tensor"), mesh))
-        config.batch_size, config.optim.clip_norm = 16, clip
+        config.batch_size, config.optim.clip_norm, config.lora.rank = 16, clip, rank
         config.data.max_length = 128
         config.data.max_prompt_length, config.data.max_response_length = 64, 64
         model_config = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
@@ -33,7 +35,7 @@ def main():
         devices = mesh[0] * mesh[1] * mesh[2]
         plan = make_plan(config, num_devices=devices, model_config=model_config)
         measured = measured_train_step_bytes(config, build_model(model_config), make_mesh(mesh, jax.devices()[:devices]))
-        rows.append({"case": f"{recipe} mesh={mesh} remat={remat} clip={clip}", "plan": plan.phases["train step"],
+        rows.append({"case": f"{recipe} mesh={mesh} remat={remat} clip={clip}" + (f" lora={rank}" if rank else ""), "plan": plan.phases["train step"],
                      "measured": measured, "activations": plan.rows[f"activations (remat={remat})"]})
     print(json.dumps(rows))
 

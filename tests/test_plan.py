@@ -31,6 +31,30 @@ def test_state_components_equal_the_shards_of_the_real_train_state():
     assert make_plan(config, num_devices=8, model_config=TINY).rows["reference"] == 0
 
 
+def test_lora_plan_holds_the_adapter_state_and_one_base_that_is_also_the_reference():
+    from sail_jax.optim import make_optimizer
+    from sail_jax.sharding import bytes_per_device, make_mesh
+    from sail_jax.trainable import prepare
+
+    config = base_config("dpo")
+    config.mesh, config.batch_size, config.lora.rank = {"data": 2, "fsdp": 2, "tensor": 2}, 8, 4
+    plan = make_plan(config, num_devices=8, model_config=TINY)
+    trainable, state, _ = prepare(build_model(TINY), make_optimizer(config.optim, config.steps), make_mesh((2, 2, 2)),
+                                  config.lora, seed=0)
+    assert plan.rows["params"] == plan.rows["gradients"] == max(bytes_per_device(state.params).values())
+    assert plan.rows["optimizer state"] == max(bytes_per_device(state.opt_state).values())
+    assert plan.rows["frozen base (= reference)"] == max(bytes_per_device(trainable.frozen["base"]).values())
+    assert plan.rows["reference"] == 0
+    config.lora.rank = 0
+    full = make_plan(config, num_devices=8, model_config=TINY)
+
+    def held(p):
+        return sum(p.rows.get(k, 0) for k in ("params", "frozen base (= reference)", "optimizer state", "gradients",
+                                              "reference"))
+
+    assert held(plan) < 0.45 * held(full), (held(plan), held(full))
+
+
 @pytest.mark.slow
 def test_train_step_plan_is_within_15_percent_of_the_compiled_step():
     out = subprocess.run([sys.executable, "tests/plan_vs_compiled.py"], capture_output=True, text=True, check=True)
@@ -79,3 +103,15 @@ def test_plan_cli_shows_the_smallest_preset_fits_a_v5e_8():
                           "--target=v5e-8"], capture_output=True, text=True, check=True)
     assert "mesh data 1 x fsdp 8 x tensor 1" in out.stdout
     assert "on v5e-8 (8 x 16.0 GiB, 95%): fits" in out.stdout, out.stdout
+
+
+def test_presets_take_the_papers_lora_setting():
+    from sail_jax.configs import preset_config
+
+    for arg in ("ultrafeedback,sail_pp,lora", "hh_rlhf,lora", "lora"):
+        config = preset_config("llama3_8b", arg)
+        assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (64, 16.0, 0.05), arg
+        assert config.optim.learning_rate == 1e-5 and config.model.param_dtype == "bfloat16"
+    assert preset_config("llama3_8b", "hh_rlhf").lora.rank == 0
+    with pytest.raises(ValueError, match="expected <dataset>\\[,<variant>\\]\\[,lora\\]"):
+        preset_config("llama3_8b", "hh_rlhf,sail_pp,extra")
