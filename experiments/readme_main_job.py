@@ -43,6 +43,16 @@ def readme_block(readme: str) -> str:
     return readme[readme.index(BEGIN) + len(BEGIN):readme.index(END)]
 
 
+def _cpu_name() -> str:
+    """The processor's model name: the printed digits depend on it (XLA's CPU kernels round differently
+    on different processors, and the sampler's draws then diverge)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args()
@@ -56,8 +66,8 @@ def main():
                              text=True, check=True).stdout
         seconds = time.time() - t0
     block = printed_block(out)
-    stamp = (f"What it printed on {datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} cores, "
-             f"{seconds:.0f} s after the install):")
+    stamp = (f"What it printed on {datetime.date.today().isoformat()} ({_cpu_name()}, {platform.machine()}, "
+             f"{os.cpu_count()} cores, {seconds:.0f} s after the install):")
     new = f"{BEGIN}\n{stamp}\n\n```\n{block}\n```\n"
     readme = readme.replace(BEGIN + readme_block(readme), new)
     with open(README, "w", encoding="utf-8") as f:
