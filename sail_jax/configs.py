@@ -65,7 +65,9 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
     # LoRA (sail_jax.models.lora): rank 0 = full training. With rank > 0 only the adapters train and
     # the frozen base (adapters off) is the reference. The paper: rank 64, alpha 16, dropout 0.05, all
     # projections (PAPER_LORA). path: a PEFT adapter folder to start from (rank/alpha/targets must match).
-    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0, "path": "",
+    # quantize: "int8" or "nf4" stores the frozen base's projections quantized (QLoRA; "" keeps them in
+    # model.param_dtype).
+    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0, "path": "", "quantize": "",
                                         "targets": r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"})
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.batch_size = 8  # global, over all processes and devices
@@ -209,15 +211,17 @@ def preset_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
 
     ``arg`` is what follows ':' in ``--config=configs/<model>_sail.py:<dataset>[,<variant>][,lora]``:
     the dataset (ultrafeedback | pku_saferlhf | hh_rlhf, built with sail_jax.data.tfds_builders into
-    config.data.tfds_dir; default ultrafeedback), a variant of VARIANTS (default sail_pp), and ``lora``.
+    config.data.tfds_dir; default ultrafeedback), a variant of VARIANTS (default sail_pp), and ``lora``
+    or ``qlora`` (the same with the frozen base's projections stored as NF4, QLoRA's setting).
     reward.path is the reward model (an HF *ForSequenceClassification folder, e.g. trained with
     configs/reward.py): the evaluation scores with it, and SAIL-PR labels with it.
     """
     parts = arg.split(",") if arg else []
-    lora = "lora" in parts
-    parts = [x for x in parts if x != "lora"]
+    qlora = "qlora" in parts
+    lora = qlora or "lora" in parts
+    parts = [x for x in parts if x not in ("lora", "qlora")]
     if len(parts) > 2:
-        raise ValueError(f"preset argument {arg!r}: expected <dataset>[,<variant>][,lora]")
+        raise ValueError(f"preset argument {arg!r}: expected <dataset>[,<variant>][,lora|,qlora]")
     dataset, variant = (parts + ["", ""])[:2]
     dataset, variant = dataset or "ultrafeedback", variant or "sail_pp"
     if model not in PRESETS:
@@ -245,4 +249,6 @@ def preset_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
         c.model.param_dtype = "bfloat16"  # the frozen base; the adapters train in float32 whatever it is
         c.optim.learning_rate = PAPER_LORA_LEARNING_RATE
         c.plan_targets = p["lora_targets"]
+    if qlora:
+        c.lora.quantize = "nf4"  # QLoRA: the frozen base as NF4 codes (4.5 bits a weight) instead of bfloat16
     return c

@@ -151,17 +151,17 @@ def _abstract_model(model_config: ModelConfig, lora=None) -> _Abstract:
     if lora is None or not int(lora.rank):
         graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(model_config)))
         return _Abstract(graphdef, params, None, graphdef)
-    from sail_jax.models.lora import add_lora
+    from sail_jax.trainable import attach_lora
 
-    base_graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(model_config)))
+    base_graphdefs = []
 
     def adapted():
         model = build_model(model_config)
-        add_lora(model, rank=int(lora.rank), alpha=float(lora.alpha), targets=lora.targets)
+        base_graphdefs.append(attach_lora(model, {**lora.to_dict(), "path": ""}, seed=0))  # shapes only
         return model
 
     graphdef, adapters, base = nnx.split(nnx.eval_shape(adapted), nnx.LoRAParam, ...)
-    return _Abstract(graphdef, adapters, base, base_graphdef)
+    return _Abstract(graphdef, adapters, base, base_graphdefs[0])
 
 
 def _batch_spec(config, rows: int) -> tuple[dict[str, jax.ShapeDtypeStruct], str]:

@@ -29,14 +29,15 @@ BATCH_AXES = ("data", "fsdp")
 
 # Parameter path (dotted, e.g. "model.layers.0.self_attn.q_proj.kernel") -> spec, first match wins.
 # Kernels keep heads as their own axis (q_proj: [d, heads, head_dim]; o_proj: [heads, head_dim, d]).
+# A quantized kernel's codes and scales (sail_jax.models.quantize) have the kernel's rank and its rule.
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"embed_tokens\.embedding$", P("tensor", "fsdp")),  # [vocab, d]
-    (r"(q_proj|k_proj|v_proj)\.kernel$", P("fsdp", "tensor", None)),  # [d, heads, head_dim]
+    (r"(q_proj|k_proj|v_proj)\.kernel(_scale)?$", P("fsdp", "tensor", None)),  # [d, heads, head_dim]
     (r"(q_proj|k_proj|v_proj)\.bias$", P("tensor", "fsdp")),  # [heads, head_dim]
-    (r"o_proj\.kernel$", P("tensor", None, "fsdp")),  # [heads, head_dim, d]
-    (r"(gate_proj|up_proj)\.kernel$", P("fsdp", "tensor")),  # [d, ffn]
+    (r"o_proj\.kernel(_scale)?$", P("tensor", None, "fsdp")),  # [heads, head_dim, d]
+    (r"(gate_proj|up_proj)\.kernel(_scale)?$", P("fsdp", "tensor")),  # [d, ffn]
     (r"(gate_proj|up_proj)\.bias$", P(("fsdp", "tensor"))),  # [ffn]
-    (r"down_proj\.kernel$", P("tensor", "fsdp")),  # [ffn, d]
+    (r"down_proj\.kernel(_scale)?$", P("tensor", "fsdp")),  # [ffn, d]
     (r"lm_head\.kernel$", P("fsdp", "tensor")),  # [d, vocab]
     (r"score\.kernel$", P("fsdp", None)),  # [d, num_labels]
     (r"(o_proj|down_proj)\.bias$|(norm|layernorm)\.scale$", P("fsdp")),  # [d]
@@ -103,8 +104,9 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, name: str) -> P:
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
         if axes is not None and dim % size:
-            logging.log_first_n(logging.WARNING, "%s %s: dimension %d not divisible by mesh axes %s; replicated",
-                                8, name, shape, dim, axes)
+            if dim > 1:  # a size-1 axis (a per-channel scale's input axes) is replicated by nature
+                logging.log_first_n(logging.WARNING, "%s %s: dimension %d not divisible by mesh axes %s; "
+                                    "replicated", 8, name, shape, dim, axes)
             axes = None
         fitted.append(axes)
     return P(*fitted)

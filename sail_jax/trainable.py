@@ -25,6 +25,7 @@ from flax import nnx
 
 from sail_jax.models.lora import add_lora, merge_lora
 from sail_jax.models.hf import save_pretrained
+from sail_jax.models.quantize import quantize_model
 from sail_jax.models.peft_adapter import load_adapter, save_adapter
 from sail_jax.models.transformer import RewardModel
 from sail_jax.train import CheckpointError, create_adapter_train_state, create_train_state, frozen_copy, policy
@@ -88,21 +89,32 @@ def prepare(model: nnx.Module, tx, mesh, lora_config, *, seed: int):
     """``(Trainable, state, shardings)`` for ``model`` (consumed: its arrays move into the state).
 
     ``lora_config`` is ``config.lora``: rank 0 trains every parameter; otherwise adapters are attached
-    (fresh, or read from the PEFT folder ``lora.path``) and only they train."""
-    base_graphdef = nnx.graphdef(model)
+    (``attach_lora``) and only they train."""
     if not int(lora_config.rank):
+        base_graphdef = nnx.graphdef(model)
         graphdef, state, shardings = create_train_state(model, tx, mesh)
         return Trainable(graphdef, base_graphdef, {}, {}), state, shardings
-    kwargs = dict(rank=int(lora_config.rank), alpha=float(lora_config.alpha), targets=lora_config.targets,
-                  dropout=float(lora_config.dropout))
-    if lora_config.get("path"):
-        load_adapter(model, lora_config.path, **kwargs)
-    else:
-        add_lora(model, **kwargs, seed=seed)
+    base_graphdef = attach_lora(model, lora_config, seed=seed)
     # A reward model's score head is new (not part of the base), so it trains beside the adapters.
     trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("score")) if isinstance(model, RewardModel) else nnx.LoRAParam
     graphdef, state, shardings, base, base_shardings = create_adapter_train_state(model, tx, mesh, trainable)
     return Trainable(graphdef, base_graphdef, {"base": base}, {"base": base_shardings}), state, shardings
+
+
+def attach_lora(model: nnx.Module, lora_config, *, seed: int):
+    """Quantize the base when ``lora.quantize`` asks (QLoRA), then attach adapters, fresh or read from the
+    PEFT folder ``lora.path`` (in place). Returns the base's graph: the model with the adapters off,
+    which is the reference."""
+    if lora_config.get("quantize"):
+        quantize_model(model, lora_config["quantize"])
+    base_graphdef = nnx.graphdef(model)
+    kwargs = dict(rank=int(lora_config["rank"]), alpha=float(lora_config["alpha"]), targets=lora_config["targets"],
+                  dropout=float(lora_config["dropout"]))
+    if lora_config.get("path"):
+        load_adapter(model, lora_config["path"], **kwargs)
+    else:
+        add_lora(model, **kwargs, seed=seed)
+    return base_graphdef
 
 
 @jax.jit

@@ -12,6 +12,7 @@ from sail_jax.data.pipeline import SOURCES
 from sail_jax.data.records import ON_ERROR
 from sail_jax.errors import UserError
 from sail_jax.losses import LOSS_TYPES
+from sail_jax.models.quantize import KINDS as QUANT_KINDS
 from sail_jax.optim import OPTIMIZERS, SCHEDULES
 from sail_jax.sharding import AXES, resolve_axis_sizes
 
@@ -77,7 +78,15 @@ def _validate_run(config, *, task_builds_model: bool = False) -> None:
 
 def validate_lora(config) -> None:
     lora = config.get("lora")
-    if lora is None or int(lora.rank) == 0:
+    if lora is None:
+        return
+    quantize = lora.get("quantize", "")
+    _require(quantize in ("",) + QUANT_KINDS,
+             f"config.lora.quantize={quantize!r} is unknown; valid: '' (a base in model.param_dtype), "
+             + ", ".join(map(repr, QUANT_KINDS)))
+    if int(lora.rank) == 0:
+        _require(not quantize, f"config.lora.quantize={quantize!r} quantizes a frozen base, which needs LoRA: set "
+                               "config.lora.rank > 0 (e.g. 64), or lora.quantize=''")
         return
     _require(int(lora.rank) > 0, f"config.lora.rank={lora.rank!r} must be >= 0 (0: full training)")
     _require(float(lora.alpha) > 0, f"config.lora.alpha={lora.alpha!r} must be > 0")

@@ -21,6 +21,7 @@ from sail_jax.data.pipeline import encode_preference
 from sail_jax.data.records import Records
 from sail_jax.models import load_pretrained
 from sail_jax.models.lora import add_lora, merge_lora
+from sail_jax.models.quantize import quantize_model
 from sail_jax.objectives import make_dpo_objective
 from sail_jax.optim import make_optimizer
 from sail_jax.sharding import bytes_per_device, make_mesh, shard_batch, sharding_fn
@@ -54,13 +55,16 @@ def test_fresh_adapters_are_the_base_model_and_merging_folds_trained_ones(tiny_c
         add_lora(load_pretrained(tiny_checkpoint), rank=4, alpha=8.0, targets="nothing_here")
 
 
-def _dpo_step(tiny_checkpoint, mesh_shape, lora: bool):
-    """One SGD DPO step (with LoRA: adapters B ≠ 0 so gradients reach A too); loss, new trainable state."""
+def _dpo_step(tiny_checkpoint, mesh_shape, lora: bool, quantize: str = ""):
+    """One SGD DPO step (with LoRA: adapters B ≠ 0 so gradients reach A too; ``quantize``: over a QLoRA
+    base); loss, new trainable state."""
     mesh = make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     config = base_config("dpo")
     config.optim.update(name="sgd", learning_rate=0.1, schedule="constant")
     tx = make_optimizer(config.optim, 10)
     model = load_pretrained(tiny_checkpoint, shardings=sharding_fn(mesh))
+    if quantize:
+        quantize_model(model, quantize)
     base_graphdef = nnx.graphdef(model)
     if lora:
         add_lora(model, rank=4, alpha=8.0)

@@ -53,6 +53,13 @@ def test_lora_plan_holds_the_adapter_state_and_one_base_that_is_also_the_referen
                                               "reference"))
 
     assert held(plan) < 0.45 * held(full), (held(plan), held(full))
+    # QLoRA: the planned base is the quantized one prepare() holds, and smaller than the float32 base.
+    config.lora.update(rank=4, quantize="nf4")
+    qlora = make_plan(config, num_devices=8, model_config=TINY)
+    trainable, *_ = prepare(build_model(TINY), make_optimizer(config.optim, config.steps), make_mesh((2, 2, 2)),
+                            config.lora, seed=0)
+    assert qlora.rows["frozen base (= reference)"] == max(bytes_per_device(trainable.frozen["base"]).values())
+    assert qlora.rows["frozen base (= reference)"] < 0.6 * plan.rows["frozen base (= reference)"]
 
 
 @pytest.mark.slow
@@ -113,5 +120,7 @@ def test_presets_take_the_papers_lora_setting():
         assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (64, 16.0, 0.05), arg
         assert config.optim.learning_rate == 1e-5 and config.model.param_dtype == "bfloat16"
     assert preset_config("llama3_8b", "hh_rlhf").lora.rank == 0
-    with pytest.raises(ValueError, match="expected <dataset>\\[,<variant>\\]\\[,lora\\]"):
+    qlora = preset_config("llama3_8b", "hh_rlhf,qlora")
+    assert (qlora.lora.rank, qlora.lora.quantize) == (64, "nf4") and preset_config("llama3_8b", "lora").lora.quantize == ""
+    with pytest.raises(ValueError, match="expected <dataset>\\[,<variant>\\]\\[,lora\\|,qlora\\]"):
         preset_config("llama3_8b", "hh_rlhf,sail_pp,extra")

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sail_jax.models.quantize import dequantize_layer
+
 # The paper's targets: every attention and MLP projection (not the embeddings, norms or heads).
 DEFAULT_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
@@ -73,8 +75,7 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, targets: str = DEFAU
         raise ValueError(f"lora.targets={targets!r} matches no projection of this model (paths look like "
                          "model.layers.0.self_attn.q_proj)")
     for _, layer in layers:
-        layer.lora = LoRA(layer.kernel.shape[:layer.n_in], layer.kernel.shape[layer.n_in:], rank=rank, alpha=alpha,
-                          dropout=dropout, rngs=rngs)
+        layer.lora = LoRA(layer.in_shape, layer.out_shape, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs)
     return len(layers)
 
 
@@ -92,6 +93,8 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     define, which ``export/`` holds and any Hugging Face loader reads."""
     for _, layer in adapted_layers(model, r""):
         if layer.lora is not None:
+            if layer.quant is not None:
+                dequantize_layer(layer)  # a quantized base: the export holds plain kernels
             kernel = layer.kernel[...]
             layer.kernel[...] = (kernel.astype(jnp.float32) + layer.lora.delta()).astype(kernel.dtype)
             layer.lora = None

@@ -121,13 +121,12 @@ def load_adapter(model, path: str, *, rank: int, alpha: float, targets: str, dro
     for name, layer in adapted_layers(model, targets):
         a_key, b_key = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
         a, b = stored[a_key], stored[b_key]
-        kernel = layer.kernel.shape
-        n_in, n_out = math.prod(kernel[:layer.n_in]), math.prod(kernel[layer.n_in:])
+        n_in, n_out = math.prod(layer.in_shape), math.prod(layer.out_shape)
         for key, value, want in ((a_key, a, (rank, n_in)), (b_key, b, (n_out, rank))):
             if tuple(value.shape) != want:
                 raise AdapterError(f"{weights_file}: {key} has shape {tuple(value.shape)}, this model needs {want}")
-        layer.lora.a[...] = jnp.asarray(a.T.reshape(*kernel[:layer.n_in], rank), jnp.float32)
-        layer.lora.b[...] = jnp.asarray(b.T.reshape(rank, *kernel[layer.n_in:]), jnp.float32)
+        layer.lora.a[...] = jnp.asarray(a.T.reshape(*layer.in_shape, rank), jnp.float32)
+        layer.lora.b[...] = jnp.asarray(b.T.reshape(rank, *layer.out_shape), jnp.float32)
     head = stored.get(f"{_PREFIX}score.weight")
     if head is not None and getattr(model, "score", None) is not None:  # a reward model's trained head
         kernel = model.score.kernel

@@ -20,26 +20,40 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sail_jax.models.config import ModelConfig
+from sail_jax.models.quantize import dequantize_kernel
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 class Linear(nnx.Module):
-    """``y = x · kernel (+ bias)`` contracting the trailing ``len(in_shape)`` axes of ``x``."""
+    """``y = x · kernel (+ bias)`` contracting the trailing ``len(in_shape)`` axes of ``x``.
+
+    ``in_shape``/``out_shape`` are the kernel's logical shape: a quantized base (QLoRA,
+    ``sail_jax.models.quantize``) stores codes of another shape in ``kernel`` and their scales in
+    ``kernel_scale``, and ``weight()`` gives the kernel they stand for."""
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, bias: bool, config: ModelConfig, rngs: nnx.Rngs):
-        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         init = jax.nn.initializers.normal(stddev=0.02)
-        self.kernel = nnx.Param(init(rngs.params(), in_shape + out_shape, config.weight_dtype))
-        self.bias = nnx.Param(jnp.zeros(out_shape, config.weight_dtype)) if bias else None
-        self.n_in = len(in_shape)
+        self.kernel = nnx.Param(init(rngs.params(), self.in_shape + self.out_shape, config.weight_dtype))
+        self.bias = nnx.Param(jnp.zeros(self.out_shape, config.weight_dtype)) if bias else None
+        self.n_in = len(self.in_shape)
         self.dtype = config.compute_dtype
+        self.weight_dtype = config.weight_dtype
+        self.quant = None  # "int8" / "nf4" when the kernel is stored quantized
+        self.kernel_scale = nnx.data(None)
         self.lora = nnx.data(None)  # a LoRA adapter (sail_jax.models.lora), when attached
+
+    def weight(self) -> jax.Array:
+        """The kernel ``[*in, *out]`` in the compute dtype (dequantized first when stored quantized)."""
+        if self.quant is None:
+            return self.kernel[...].astype(self.dtype)
+        return dequantize_kernel(self.kernel[...], self.kernel_scale[...], self.n_in, self.quant).astype(self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         axes = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=axes)
+        y = jnp.tensordot(x, self.weight(), axes=axes)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
