@@ -57,7 +57,10 @@ def _plan(config) -> None:
     if not names:
         raise UserError("plan: name a target (--target=v5e-8) or set plan_targets in the config")
     for name in names:
-        plan = make_plan(config, target=parse_target(name))
+        try:
+            plan = make_plan(config, target=parse_target(name))
+        except ValueError as e:  # a target the config's mesh or batch cannot use, an unknown model or target
+            raise UserError(f"plan for {name}: {e}") from None
         mesh = " x ".join(f"{k} {v}" for k, v in plan.mesh.items())
         print(f"\n== {name}: mesh {mesh}, batch {config.batch_size} ==\n{plan.table()}")
 

@@ -186,9 +186,9 @@ def ifeval_config(variant: str = "sail_pr", reduced: bool = False) -> ml_collect
 # slices it is planned for (`sail-jax plan` shows each fits), the mesh and the batch that fit them.
 PRESETS = {
     "qwen2_5_0_5b": dict(hub_id="Qwen/Qwen2.5-0.5B-Instruct", targets="v4-8,v5e-8,1xH100", batch_size=16,
-                         learning_rate=1e-6, remat="full", lora_targets="v5e-8,v5e-32,1xH100"),
+                         learning_rate=1e-6, remat="full", lora_targets="v5e-8,1xH100"),
     "qwen2_5_1_5b": dict(hub_id="Qwen/Qwen2.5-1.5B-Instruct", targets="v4-8,v5e-8,1xH100", batch_size=16,
-                         learning_rate=1e-6, remat="full", lora_targets="v5e-8,v5e-32,1xH100"),
+                         learning_rate=1e-6, remat="full", lora_targets="v5e-8,1xH100"),
     "qwen2_5_7b": dict(hub_id="Qwen/Qwen2.5-7B-Instruct", targets="v4-32,v5e-32", batch_size=64,
                        learning_rate=5e-7, remat="full", lora_targets="v5e-8,v5e-32,1xH100"),
     "llama3_8b": dict(hub_id="meta-llama/Meta-Llama-3-8B-Instruct", targets="v4-32,v5e-32", batch_size=64,
@@ -206,10 +206,11 @@ def preset_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
     β = 0.1 and RMSprop. By default every parameter trains, at the 5e-7 to 1e-6 typical of
     full-parameter DPO; ``lora`` gives the paper's own setting instead: LoRA r = 64, α = 16, dropout
     0.05 on every projection at lr 1e-5, the frozen base (stored in bfloat16) as the reference,
-    planned on v5e-8, v5e-32 and one H100 (README has the plans). bf16 compute, float32 weights
-    (trained ones) and optimizer state, FSDP over every device, remat per decoder layer.
+    planned on v5e-8 and one H100, and the 7B/8B models also on v5e-32 (README has the plans). bf16
+    compute, float32 weights (trained ones) and optimizer state, FSDP over every device, remat per
+    decoder layer.
 
-    ``arg`` is what follows ':' in ``--config=configs/<model>_sail.py:<dataset>[,<variant>][,lora]``:
+    ``arg`` is what follows ':' in ``--config=configs/<model>_sail.py:<dataset>[,<variant>][,lora|,qlora]``:
     the dataset (ultrafeedback | pku_saferlhf | hh_rlhf, built with sail_jax.data.tfds_builders into
     config.data.tfds_dir; default ultrafeedback), a variant of VARIANTS (default sail_pp), and ``lora``
     or ``qlora`` (the same with the frozen base's projections stored as NF4, QLoRA's setting).

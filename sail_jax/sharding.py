@@ -29,13 +29,17 @@ BATCH_AXES = ("data", "fsdp")
 
 # Parameter path (dotted, e.g. "model.layers.0.self_attn.q_proj.kernel") -> spec, first match wins.
 # Kernels keep heads as their own axis (q_proj: [d, heads, head_dim]; o_proj: [heads, head_dim, d]).
-# A quantized kernel's codes and scales (sail_jax.models.quantize) have the kernel's rank and its rule.
+# A quantized kernel's codes (sail_jax.models.quantize) take the kernel's rule. Its scales have the
+# kernel's rank with the input axis cut to blocks (NF4: d / 64, int8: 1), which FSDP often does not
+# divide, so where that axis carries fsdp the scales split their output axis over it instead.
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
+    (r"(q_proj|k_proj|v_proj)\.kernel_scale$", P(None, "tensor", "fsdp")),  # [d / 64, heads, head_dim]
+    (r"(gate_proj|up_proj)\.kernel_scale$", P(None, ("tensor", "fsdp"))),  # [d / 64, ffn]
     (r"embed_tokens\.embedding$", P("tensor", "fsdp")),  # [vocab, d]
-    (r"(q_proj|k_proj|v_proj)\.kernel(_scale)?$", P("fsdp", "tensor", None)),  # [d, heads, head_dim]
+    (r"(q_proj|k_proj|v_proj)\.kernel$", P("fsdp", "tensor", None)),  # [d, heads, head_dim]
     (r"(q_proj|k_proj|v_proj)\.bias$", P("tensor", "fsdp")),  # [heads, head_dim]
     (r"o_proj\.kernel(_scale)?$", P("tensor", None, "fsdp")),  # [heads, head_dim, d]
-    (r"(gate_proj|up_proj)\.kernel(_scale)?$", P("fsdp", "tensor")),  # [d, ffn]
+    (r"(gate_proj|up_proj)\.kernel$", P("fsdp", "tensor")),  # [d, ffn]
     (r"(gate_proj|up_proj)\.bias$", P(("fsdp", "tensor"))),  # [ffn]
     (r"down_proj\.kernel(_scale)?$", P("tensor", "fsdp")),  # [ffn, d]
     (r"lm_head\.kernel$", P("fsdp", "tensor")),  # [d, vocab]
