@@ -1,4 +1,6 @@
-"""Routing, pair selection and preference labels for the online loop: pure functions of arrays and keys.
+"""Routing, pair selection and preference labels for the online loop: pure functions of arrays and keys,
+and ``label_online_batch``, which composes them with the log-prob passes into the one jitted program
+that turns a batch of prompts, dataset pairs and samples into the train batch.
 
 Conventions: ``scores [n, k]`` rank the k samples of each prompt (the implicit reward
 β·log(π/π_ref) for SAIL-PP, the reward source for SAIL-PR); a label says whether the pair's first
@@ -9,10 +11,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from sail_jax.objectives import response_logps
 from sail_jax.sail_terms import ROUTE_DP, ROUTE_OFFLINE, ROUTE_PP, ROUTE_PR
+from sail_jax.sharding import batch_sharding
 
 PAIR_SELECTION = ("first_two", "max_min", "random")
+# The online loop's random draws, each from ``step_key(seed key, kind, step)``.
+ROUTE_KEY, GEN_KEY, SELECT_KEY, LABEL_KEY, DP_KEY = range(5)
 LABEL_MODES = ("sample", "argmax")
 
 
@@ -52,3 +61,93 @@ def preference_labels(key: jax.Array, score_a: jax.Array, score_b: jax.Array, mo
 def dp_swaps(key: jax.Array, h: jax.Array, beta: float) -> jax.Array:
     """SAIL-DP: resample the dataset pair's label from the policy: swap with probability 1 − σ(β·h)."""
     return jax.random.uniform(key, h.shape) >= jax.nn.sigmoid(beta * h)
+
+
+def same_responses(tokens_a, mask_a, tokens_b, mask_b) -> jax.Array:
+    """``[n]``: the two responses are identical (same length, same tokens where they are real)."""
+    return jnp.all((tokens_a == tokens_b) | (mask_a == 0), axis=1) & (mask_a.sum(1) == mask_b.sum(1))
+
+
+def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None, reward, routes, keys: dict, *,
+                       beta: float, num_samples: int, pair_selection: str, pp_label_mode: str, pr_label_mode: str,
+                       relabel_dp: bool):
+    """The online train batch from a batch of prompts with dataset pairs, the routes and the samples.
+
+    ``policy_logp(p, pm, r, rm)`` / ``ref_logp(...)`` give log π(r|p) ``[n]`` (the models are closed over);
+    ``samples`` holds ``tokens``/``mask`` ``[b*k, T]`` (prompt-major) or is None; ``reward [b, k]`` is
+    the PR score of each sample (zeros elsewhere); ``keys`` has ``dp``, ``select`` and ``label``.
+    Returns ``(train batch, counts)``: per example the prompt, the labelled pair (dataset, DP-swapped
+    or sampled and labelled), their reference log-probs, the route and ``valid`` (ties among sampled
+    pairs are dropped), and the counts the loop turns into label metrics.
+    """
+    p, pm = batch["prompt_ids"], batch["prompt_mask"]
+    b = p.shape[0]
+    out = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "chosen_response", "chosen_response_mask",
+                                 "rejected_response", "rejected_response_mask")}
+    ref = {s: ref_logp(p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"]) for s in ("chosen", "rejected")}
+    out["ref_chosen_logps"], out["ref_rejected_logps"] = ref["chosen"], ref["rejected"]
+    valid = batch["valid"].astype(bool)
+    is_dp, is_pp, is_pr = routes == ROUTE_DP, routes == ROUTE_PP, routes == ROUTE_PR
+    sampled = is_pp | is_pr
+    counts = {"dp_rows": is_dp.sum(), "pp_rows": is_pp.sum(), "sampled_rows": sampled.sum()}
+
+    if relabel_dp:  # resample the dataset label from the current policy
+        pol = {s: policy_logp(p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"]) for s in ("chosen", "rejected")}
+        h = (pol["chosen"] - ref["chosen"]) - (pol["rejected"] - ref["rejected"])
+        swap = dp_swaps(keys["dp"], h, beta) & is_dp
+        for suffix in ("response", "response_mask"):
+            c, r = out[f"chosen_{suffix}"], out[f"rejected_{suffix}"]
+            out[f"chosen_{suffix}"] = jnp.where(swap[:, None], r, c)
+            out[f"rejected_{suffix}"] = jnp.where(swap[:, None], c, r)
+        c, r = out["ref_chosen_logps"], out["ref_rejected_logps"]
+        out["ref_chosen_logps"], out["ref_rejected_logps"] = jnp.where(swap, r, c), jnp.where(swap, c, r)
+        counts["dp_swaps"] = swap.sum()
+
+    if samples is not None:
+        k = num_samples
+        tokens, smask = samples["tokens"], samples["mask"]
+        rp, rpm = jnp.repeat(p, k, axis=0), jnp.repeat(pm, k, axis=0)
+        ref_s = ref_logp(rp, rpm, tokens, smask)
+        implicit = beta * (policy_logp(rp, rpm, tokens, smask).reshape(b, k) - ref_s.reshape(b, k))
+        scores = jnp.where(is_pp[:, None], implicit, reward)
+        a, bb = select_pairs(keys["select"], scores, pair_selection)
+        rows = jnp.arange(b)
+        sa, sb = scores[rows, a], scores[rows, bb]
+        pp_wins, pp_tie = preference_labels(keys["label"], sa, sb, pp_label_mode)
+        pr_wins, pr_tie = preference_labels(jax.random.fold_in(keys["label"], 1), sa, sb, pr_label_mode)
+        a_wins = jnp.where(is_pp, pp_wins, pr_wins)
+        ia, ib = rows * k + a, rows * k + bb
+        tie = jnp.where(is_pp, pp_tie, pr_tie) | same_responses(tokens[ia], smask[ia], tokens[ib], smask[ib])
+        win, lose = jnp.where(a_wins, ia, ib), jnp.where(a_wins, ib, ia)
+        for name, idx in (("chosen", win), ("rejected", lose)):
+            out[f"{name}_response"] = jnp.where(sampled[:, None], tokens[idx], out[f"{name}_response"])
+            out[f"{name}_response_mask"] = jnp.where(sampled[:, None], smask[idx], out[f"{name}_response_mask"])
+            out[f"ref_{name}_logps"] = jnp.where(sampled, ref_s[idx], out[f"ref_{name}_logps"])
+        valid &= ~(sampled & tie)
+        counts["ties_dropped"] = (sampled & tie).sum()
+        counts["pp_flips"] = ((pp_wins != (sa > sb)) & is_pp).sum()
+    out["route"] = routes.astype(jnp.int32)
+    out["valid"] = valid.astype(jnp.int32)
+    return out, counts
+
+
+def step_key(base: jax.Array, kind: int, step) -> jax.Array:
+    """The key of draw ``kind`` at ``step``: the step counter is the online loop's PRNG state."""
+    return jax.random.fold_in(jax.random.fold_in(base, kind), step)
+
+
+def make_labeller(graphdef, ref_graphdef, mesh, base_key: jax.Array, **static):
+    """``label_online_batch`` jitted on ``mesh``: ``(policy_states, ref_params, batch, samples, reward,
+    routes, step) -> (train batch, counts)``, the train batch over the batch axes as the train step
+    takes it; the draws' keys come from ``base_key`` and the step. ``static`` are
+    ``label_online_batch``'s keyword arguments."""
+    kinds = {"dp": DP_KEY, "select": SELECT_KEY, "label": LABEL_KEY}
+
+    def program(policy_states, ref_params, batch, samples, reward, routes, step):
+        policy, reference = nnx.merge(graphdef, *policy_states), nnx.merge(ref_graphdef, ref_params)
+        keys = {name: step_key(base_key, kind, step) for name, kind in kinds.items()}
+        return label_online_batch(lambda *rows: response_logps(policy, *rows)[0],
+                                  lambda *rows: response_logps(reference, *rows)[0],
+                                  batch, samples, reward, routes, keys, **static)
+
+    return jax.jit(program, out_shardings=(batch_sharding(mesh), NamedSharding(mesh, P())))

@@ -22,23 +22,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sail_jax.distributed import global_array, to_host
 from sail_jax.driver import drive
-from sail_jax.evaluate import Evaluator, decode_responses, distinct_n, make_logp_fn
-from sail_jax.labeling import dp_swaps, draw_routes, preference_labels, select_pairs
-from sail_jax.objectives import make_sail_objective, make_term_gradient_norms
-from sail_jax.sail_terms import (ROUTE_DP, ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood,
+from sail_jax.evaluate import Evaluator, decode_responses, distinct_n
+from sail_jax.labeling import GEN_KEY, ROUTE_KEY, draw_routes, make_labeller, step_key
+from sail_jax.objectives import make_sail_objective, make_term_gradient_norms, response_logps
+from sail_jax.sail_terms import (ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood,
                                  update_running_baseline)
 from sail_jax.optim import make_optimizer
 from sail_jax.sampling import generate
 from sail_jax.sharding import batch_sharding, data_parallel_size
 from sail_jax.train import checkpoint_dir, make_train_step
 from sail_jax.trainable import prepare
-
-_ROUTE_KEY, _GEN_KEY, _SELECT_KEY, _LABEL_KEY, _DP_KEY = range(5)
 
 
 @jax.jit
@@ -74,8 +73,6 @@ class OnlineLoop:
         self.graphdef = self.trainable.graphdef
         # The reference: a copy of the initial policy, or with LoRA the base itself (adapters off).
         self.ref_graphdef, self.ref_params = self.trainable.reference(self.state.params, self.shardings.params)
-        self.logp = make_logp_fn(self.graphdef, mesh)  # of the policy: takes self.policy_params()
-        self.ref_logp = make_logp_fn(self.ref_graphdef, mesh)
         replicated = NamedSharding(mesh, P())
         self.frozen_shardings = {"baseline": replicated, **self.trainable.frozen_shardings}
         objective = make_sail_objective(config.loss, self.sail, score_temperature=self._score_temperature(),
@@ -85,11 +82,16 @@ class OnlineLoop:
                                           self.frozen_shardings, seed=config.seed)
         self.log_term_grads = bool(self.sail.get("log_term_grads", False))
         self.term_gradient_norms = jax.jit(make_term_gradient_norms(self.graphdef, objective))
+        self._batch_ell = jax.jit(lambda states, batch: implicit_log_likelihood(
+            *(response_logps(nnx.merge(self.graphdef, *states), batch["prompt_ids"], batch["prompt_mask"],
+                             batch[f"{s}_response"], batch[f"{s}_response_mask"])[0] for s in ("chosen", "rejected")),
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=self.beta))
         self.baseline = RunningBaseline.init()
         self.prompts = prompt_iterator
         self.reward_source = reward_source
         self.train_prompts = train_prompts  # record prompts by row, for reward sources that read text
         self.key = jax.random.key(config.seed)
+        self._labeller = self._make_labeller()
         self.block: Block | None = None
         self.seconds = {"generation": 0.0, "steps": 0.0}  # totals of this process's run, for summaries
         self.evaluator = Evaluator(self.graphdef, (self.ref_graphdef, self.ref_params), reward_source=eval_reward_source or reward_source,
@@ -109,7 +111,7 @@ class OnlineLoop:
         return self.trainable.states(self.state.params)
 
     def _key(self, kind: int, step: int) -> jax.Array:
-        return jax.random.fold_in(jax.random.fold_in(self.key, kind), step)
+        return step_key(self.key, kind, step)
 
     # ------------------------------------------------------------------ generation buffer
     def _generate_block(self, step: int) -> Block:
@@ -119,7 +121,7 @@ class OnlineLoop:
             model = self.trainable.model(self.state.params)  # adapters applied, not merged (README: LoRA)
             for i, batch in enumerate(batches):
                 t0 = time.time()
-                out = generate(model, batch["prompt_ids"], batch["prompt_mask"], self._key(_GEN_KEY, step * 1000 + i),
+                out = generate(model, batch["prompt_ids"], batch["prompt_mask"], self._key(GEN_KEY, step * 1000 + i),
                                max_new_tokens=int(self.gen.max_new_tokens), temperature=float(self.gen.temperature),
                                top_k=int(self.gen.top_k), top_p=float(self.gen.top_p), eos_ids=self.tokenizer.eos_id,
                                num_samples=int(self.sail.num_samples), pad_id=self.tokenizer.pad_id,
@@ -135,78 +137,50 @@ class OnlineLoop:
         return Block(step, batches, samples, seconds, tokens, distinct)
 
     # ------------------------------------------------------------------ labelling
+    def _make_labeller(self):
+        """Labelling as one jitted program on the mesh (``labeling.make_labeller``)."""
+        sail = self.sail
+        return make_labeller(self.graphdef, self.ref_graphdef, self.mesh, self.key, beta=self.beta,
+                             num_samples=int(sail.num_samples), pair_selection=sail.pair_selection,
+                             pp_label_mode=sail.pp_label_mode, pr_label_mode=sail.pr_label_mode,
+                             relabel_dp=float(sail.p_dp) > 0)
+
     def label(self, step: int, batch: dict, samples: dict | None) -> tuple[dict, dict]:
-        """The train batch (pair per example, per its route) and the labelling metrics."""
+        """The train batch (pair per example, per its route; global arrays on the mesh) and the labelling
+        metrics. The host draws the routes, and decodes and scores only the PR rows' samples."""
         b = len(batch["valid"])
-        p, pm = batch["prompt_ids"], batch["prompt_mask"]
-        routes = np.asarray(draw_routes(self._key(_ROUTE_KEY, step), b, p_dp=float(self.sail.p_dp),
+        routes = np.asarray(draw_routes(self._key(ROUTE_KEY, step), b, p_dp=float(self.sail.p_dp),
                                         p_pp=float(self.sail.p_pp), p_pr=float(self.sail.p_pr)))
-        out = {k: batch[k].copy() for k in ("prompt_ids", "prompt_mask", "chosen_response", "chosen_response_mask",
-                                              "rejected_response", "rejected_response_mask")}
-        ref = {s: self.ref_logp(self.ref_params, p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
-               for s in ("chosen", "rejected")}
-        out["ref_chosen_logps"], out["ref_rejected_logps"] = ref["chosen"], ref["rejected"]
-        valid = batch["valid"].astype(bool).copy()
-        metrics: dict[str, float] = {}
-
-        if float(self.sail.p_dp) > 0:  # resample the dataset label from the current policy
-            pol = {s: self.logp(self.policy_params(), p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
-                   for s in ("chosen", "rejected")}
-            h = (pol["chosen"] - ref["chosen"]) - (pol["rejected"] - ref["rejected"])
-            swap = np.asarray(dp_swaps(self._key(_DP_KEY, step), jnp.asarray(h), self.beta)) & (routes == ROUTE_DP)
-            for suffix in ("response", "response_mask"):
-                c, r = out[f"chosen_{suffix}"].copy(), out[f"rejected_{suffix}"].copy()
-                out[f"chosen_{suffix}"][swap], out[f"rejected_{suffix}"][swap] = r[swap], c[swap]
-            c, r = out["ref_chosen_logps"].copy(), out["ref_rejected_logps"].copy()
-            out["ref_chosen_logps"], out["ref_rejected_logps"] = np.where(swap, r, c), np.where(swap, c, r)
-            if (routes == ROUTE_DP).any():
-                metrics["labels/dp_flip_rate"] = float(swap[routes == ROUTE_DP].mean())
-
         sampled = (routes == ROUTE_PP) | (routes == ROUTE_PR)
-        if samples is not None and sampled.any():
-            k = int(self.sail.num_samples)
-            tokens, smask, finished = samples["tokens"], samples["mask"], samples["finished"]
-            rp, rpm = np.repeat(p, k, axis=0), np.repeat(pm, k, axis=0)
-            ref_s = self.ref_logp(self.ref_params, rp, rpm, tokens, smask).reshape(b, k)
-            pol_s = self.logp(self.policy_params(), rp, rpm, tokens, smask).reshape(b, k)
-            implicit = self.beta * (pol_s - ref_s)
-            reward = np.zeros((b, k), np.float32)
-            if (routes == ROUTE_PR).any():
-                texts = decode_responses(self.tokenizer, tokens, smask)
-                prompts = [self.train_prompts[i] for i in batch["index"] for _ in range(k)]
-                reward = (self.reward_source(prompts, texts)
-                          - float(self.config.reward.missing_eos_penalty) * (~finished.astype(bool))).reshape(b, k)
-                metrics["pr/sample_reward"] = float(reward[routes == ROUTE_PR].mean())
-            is_pp = (routes == ROUTE_PP)[:, None]
-            scores = np.where(is_pp, implicit, reward)
-            a, bb = (np.asarray(x) for x in select_pairs(self._key(_SELECT_KEY, step), jnp.asarray(scores),
-                                                         self.sail.pair_selection))
-            rows = np.arange(b)
-            sa, sb = scores[rows, a], scores[rows, bb]
-            lk = self._key(_LABEL_KEY, step)
-            pp_wins, pp_tie = (np.asarray(x) for x in preference_labels(lk, jnp.asarray(sa), jnp.asarray(sb),
-                                                                         self.sail.pp_label_mode))
-            pr_wins, pr_tie = (np.asarray(x) for x in preference_labels(jax.random.fold_in(lk, 1), jnp.asarray(sa),
-                                                                         jnp.asarray(sb), self.sail.pr_label_mode))
-            a_wins = np.where(routes == ROUTE_PP, pp_wins, pr_wins)
-            ia, ib = rows * k + a, rows * k + bb
-            same = np.all((tokens[ia] == tokens[ib]) | (smask[ia] == 0), axis=1) & (smask[ia].sum(1) == smask[ib].sum(1))
-            tie = np.where(routes == ROUTE_PP, pp_tie, pr_tie) | same
-            win, lose = np.where(a_wins, ia, ib), np.where(a_wins, ib, ia)
-            flat_ref = ref_s.reshape(-1)
-            for name, idx in (("chosen", win), ("rejected", lose)):
-                out[f"{name}_response"] = np.where(sampled[:, None], tokens[idx], out[f"{name}_response"])
-                out[f"{name}_response_mask"] = np.where(sampled[:, None], smask[idx], out[f"{name}_response_mask"])
-                out[f"ref_{name}_logps"] = np.where(sampled, flat_ref[idx], out[f"ref_{name}_logps"])
-            valid &= ~(sampled & tie)
-            metrics["labels/ties_dropped"] = float((sampled & tie).sum())
-            if (routes == ROUTE_PP).any():
-                argmax_wins = sa > sb
-                metrics["labels/pp_flip_rate"] = float((pp_wins != argmax_wins)[routes == ROUTE_PP].mean())
-        elif sampled.any():
+        if sampled.any() and samples is None:
             raise RuntimeError("PP/PR examples were routed but no samples were generated")
-        out["route"] = routes.astype(np.int32)
-        out["valid"] = valid.astype(np.int32)
+        metrics: dict[str, float] = {}
+        k = int(self.sail.num_samples)
+        reward = np.zeros((b, k), np.float32)
+        pr_rows = np.where(routes == ROUTE_PR)[0]
+        if samples is not None and len(pr_rows):
+            flat = (pr_rows[:, None] * k + np.arange(k)).reshape(-1)
+            texts = decode_responses(self.tokenizer, samples["tokens"][flat], samples["mask"][flat])
+            prompts = [self.train_prompts[batch["index"][i]] for i in pr_rows for _ in range(k)]
+            unfinished = ~samples["finished"][flat].astype(bool)
+            scores = (np.asarray(self.reward_source(prompts, texts), np.float32)
+                      - float(self.config.reward.missing_eos_penalty) * unfinished)
+            reward[pr_rows] = scores.reshape(len(pr_rows), k)
+            metrics["pr/sample_reward"] = float(scores.mean())
+        sharding = batch_sharding(self.mesh)
+        rows = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "chosen_response", "chosen_response_mask",
+                                            "rejected_response", "rejected_response_mask", "valid")}
+        placed = lambda tree: jax.tree.map(lambda x: global_array(x, sharding), tree)  # noqa: E731
+        sample_rows = None if samples is None else placed({"tokens": samples["tokens"], "mask": samples["mask"]})
+        out, counts = self._labeller(self.policy_params(), self.ref_params, placed(rows), sample_rows,
+                                     placed(reward), placed(routes.astype(np.int32)), step)
+        counts = {name: int(v) for name, v in jax.device_get(counts).items()}
+        if counts["dp_rows"] and "dp_swaps" in counts:
+            metrics["labels/dp_flip_rate"] = counts["dp_swaps"] / counts["dp_rows"]
+        if counts["sampled_rows"] and "ties_dropped" in counts:
+            metrics["labels/ties_dropped"] = float(counts["ties_dropped"])
+            if counts["pp_rows"]:
+                metrics["labels/pp_flip_rate"] = counts["pp_flips"] / counts["pp_rows"]
         return out, metrics
 
     # ------------------------------------------------------------------ the loop
@@ -217,12 +191,10 @@ class OnlineLoop:
         index = (step % self.block_len) // int(self.gen.reuse)
         batch = self.block.batches[index]
         samples = self.block.samples[index] if self.block.samples else None
-        train_batch, metrics = self.label(step, batch, samples)
-        self._update_running_baseline(train_batch)
-        # Every process labels the same global batch (same keys, gathered samples and log-probs) and
-        # places its own rows of it.
-        sharding = batch_sharding(self.mesh)
-        placed = {k: global_array(v, sharding) for k, v in train_batch.items()}
+        # Every process holds the same global host batch and samples (same keys, gathered samples) and
+        # places its own rows of them; the labelled batch comes back on the mesh.
+        placed, metrics = self.label(step, batch, samples)
+        self._update_running_baseline(placed)
         frozen = {"baseline": self.baseline_for_step, **self.trainable.frozen}
         if self.log_term_grads and (step + 1) % int(self.config.log_every) == 0:  # before the step donates the state
             metrics.update(self.term_gradient_norms(self.state.params, placed, frozen))
@@ -246,10 +218,7 @@ class OnlineLoop:
         self.baseline_for_step = self.baseline
         if self.sail.baseline != "running":
             return
-        p, pm = batch["prompt_ids"], batch["prompt_mask"]
-        c = self.logp(self.policy_params(), p, pm, batch["chosen_response"], batch["chosen_response_mask"])
-        r = self.logp(self.policy_params(), p, pm, batch["rejected_response"], batch["rejected_response_mask"])
-        ell = implicit_log_likelihood(c, r, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=self.beta)
+        ell = self._batch_ell(self.policy_params(), batch)
         self.baseline = update_running_baseline(self.baseline, ell, batch["route"], batch["valid"],
                                                 decay=float(self.sail.baseline_decay))
 

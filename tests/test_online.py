@@ -67,6 +67,10 @@ def test_pair_selection_methods():
 @pytest.fixture(scope="module")
 def loop(tiny_checkpoint, tmp_path_factory):
     """An OnlineLoop on the tiny checkpoint and synthetic pairs (no training run)."""
+    return _online_loop(tiny_checkpoint, tmp_path_factory.mktemp("online"), (1, 1, 1))
+
+
+def _online_loop(tiny_checkpoint, tmp, mesh_shape):
     from sail_jax.data.pipeline import encode_online, train_iterator
     from sail_jax.data.records import Records
     from sail_jax.online import OnlineLoop
@@ -74,7 +78,6 @@ def loop(tiny_checkpoint, tmp_path_factory):
     from sail_jax.sharding import make_mesh
     from sail_jax.tokenization import Tokenizer
 
-    tmp = tmp_path_factory.mktemp("online")
     config = sail_config("sail_mixed")
     config.model.path = tiny_checkpoint
     config.data.max_prompt_length, config.data.max_response_length = 40, 12
@@ -83,7 +86,7 @@ def loop(tiny_checkpoint, tmp_path_factory):
     tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
     rows = synthetic_pairs(64)
     enc = encode_online(Records(rows), tokenizer, max_prompt_length=40, max_response_length=12)
-    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    mesh = make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     # Reward: response length in tokens' characters, so PR labels are checkable and ties happen.
     reward = OracleReward(lambda prompt, response: float(len(response.split())))
     return OnlineLoop(config, model=load_pretrained(tiny_checkpoint), tokenizer=tokenizer, mesh=mesh,
@@ -93,12 +96,87 @@ def loop(tiny_checkpoint, tmp_path_factory):
                                       "eval_arrays": {k: v[:16] for k, v in enc.arrays.items()}, "batch_size": 16})
 
 
+def _label(loop, step, batch, samples):
+    out, metrics = loop.label(step, batch, samples)
+    return jax.device_get(out), metrics
+
+
+def _host_labels(loop, step, batch, samples):
+    """The labelling pass as the loop ran it on the host until 2026-11-30 (separate log-prob calls,
+    NumPy selection and gathers): the oracle the one-program labeller must reproduce."""
+    from sail_jax.evaluate import decode_responses, make_logp_fn
+    from sail_jax.labeling import DP_KEY, LABEL_KEY, ROUTE_KEY, SELECT_KEY
+
+    logp, ref_logp = make_logp_fn(loop.graphdef, loop.mesh), make_logp_fn(loop.ref_graphdef, loop.mesh)
+    b, k, sail = len(batch["valid"]), int(loop.sail.num_samples), loop.sail
+    p, pm = batch["prompt_ids"], batch["prompt_mask"]
+    routes = np.asarray(draw_routes(loop._key(ROUTE_KEY, step), b, p_dp=sail.p_dp, p_pp=sail.p_pp, p_pr=sail.p_pr))
+    out = {key: batch[key].copy() for key in ("prompt_ids", "prompt_mask", "chosen_response", "chosen_response_mask",
+                                              "rejected_response", "rejected_response_mask")}
+    ref = {s: ref_logp(loop.ref_params, p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
+           for s in ("chosen", "rejected")}
+    out["ref_chosen_logps"], out["ref_rejected_logps"] = ref["chosen"], ref["rejected"]
+    valid = batch["valid"].astype(bool).copy()
+    pol = {s: logp(loop.policy_params(), p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"])
+           for s in ("chosen", "rejected")}
+    h = (pol["chosen"] - ref["chosen"]) - (pol["rejected"] - ref["rejected"])
+    swap = np.asarray(dp_swaps(loop._key(DP_KEY, step), jnp.asarray(h), loop.beta)) & (routes == ROUTE_DP)
+    for suffix in ("response", "response_mask"):
+        c, r = out[f"chosen_{suffix}"].copy(), out[f"rejected_{suffix}"].copy()
+        out[f"chosen_{suffix}"][swap], out[f"rejected_{suffix}"][swap] = r[swap], c[swap]
+    c, r = out["ref_chosen_logps"].copy(), out["ref_rejected_logps"].copy()
+    out["ref_chosen_logps"], out["ref_rejected_logps"] = np.where(swap, r, c), np.where(swap, c, r)
+    sampled = (routes == ROUTE_PP) | (routes == ROUTE_PR)
+    tokens, smask, finished = samples["tokens"], samples["mask"], samples["finished"]
+    rp, rpm = np.repeat(p, k, axis=0), np.repeat(pm, k, axis=0)
+    ref_s = ref_logp(loop.ref_params, rp, rpm, tokens, smask).reshape(b, k)
+    implicit = loop.beta * (logp(loop.policy_params(), rp, rpm, tokens, smask).reshape(b, k) - ref_s)
+    texts = decode_responses(loop.tokenizer, tokens, smask)
+    prompts = [loop.train_prompts[i] for i in batch["index"] for _ in range(k)]
+    reward = (np.asarray(loop.reward_source(prompts, texts), np.float32)
+              - float(loop.config.reward.missing_eos_penalty) * (~finished.astype(bool))).reshape(b, k)
+    scores = np.where((routes == ROUTE_PP)[:, None], implicit, reward).astype(np.float32)
+    a, bb = (np.asarray(x) for x in select_pairs(loop._key(SELECT_KEY, step), jnp.asarray(scores), sail.pair_selection))
+    rows = np.arange(b)
+    sa, sb = jnp.asarray(scores[rows, a]), jnp.asarray(scores[rows, bb])
+    pp_wins, pp_tie = (np.asarray(x) for x in preference_labels(loop._key(LABEL_KEY, step), sa, sb, sail.pp_label_mode))
+    pr_wins, pr_tie = (np.asarray(x) for x in preference_labels(jax.random.fold_in(loop._key(LABEL_KEY, step), 1), sa, sb,
+                                                                 sail.pr_label_mode))
+    a_wins = np.where(routes == ROUTE_PP, pp_wins, pr_wins)
+    ia, ib = rows * k + a, rows * k + bb
+    same = np.all((tokens[ia] == tokens[ib]) | (smask[ia] == 0), axis=1) & (smask[ia].sum(1) == smask[ib].sum(1))
+    tie = np.where(routes == ROUTE_PP, pp_tie, pr_tie) | same
+    win, lose = np.where(a_wins, ia, ib), np.where(a_wins, ib, ia)
+    for name, idx in (("chosen", win), ("rejected", lose)):
+        out[f"{name}_response"] = np.where(sampled[:, None], tokens[idx], out[f"{name}_response"])
+        out[f"{name}_response_mask"] = np.where(sampled[:, None], smask[idx], out[f"{name}_response_mask"])
+        out[f"ref_{name}_logps"] = np.where(sampled, ref_s.reshape(-1)[idx], out[f"ref_{name}_logps"])
+    out["route"], out["valid"] = routes.astype(np.int32), (valid & ~(sampled & tie)).astype(np.int32)
+    return out
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 4, 1)])
+def test_one_program_labeller_equals_the_host_labelling_it_replaced(tiny_checkpoint, tmp_path, mesh_shape):
+    """Same keys, same samples: the jitted labeller gives the host implementation's train batch, bit for
+    bit (routes, DP swaps, PP/PR selection and labels, ties, the gathered responses and reference
+    log-probs), on one device and on an 8-device mesh."""
+    loop = _online_loop(tiny_checkpoint, tmp_path, mesh_shape)
+    loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 1.05, loop.state.params))  # π != π_ref
+    block = loop._generate_block(0)
+    for step in range(4):
+        out, _ = _label(loop, step, block.batches[0], block.samples[0])
+        expected = _host_labels(loop, step, block.batches[0], block.samples[0])
+        assert out.keys() == expected.keys()
+        for key in out:
+            np.testing.assert_array_equal(out[key], expected[key], err_msg=key)
+
+
 def test_loop_labels_pr_by_the_reward_drops_ties_and_keeps_dataset_pairs_offline(loop):
-    from sail_jax.evaluate import decode_responses
+    from sail_jax.evaluate import decode_responses, make_logp_fn
 
     block = loop._generate_block(0)
     batch, samples = block.batches[0], block.samples[0]
-    out, metrics = loop.label(0, batch, samples)
+    out, metrics = _label(loop, 0, batch, samples)
     routes = out["route"]
     assert set(routes.tolist()) <= {ROUTE_OFFLINE, ROUTE_DP, ROUTE_PP, ROUTE_PR}
     for i in np.where(routes == ROUTE_PR)[0]:
@@ -113,25 +191,29 @@ def test_loop_labels_pr_by_the_reward_drops_ties_and_keeps_dataset_pairs_offline
     offline = np.where(routes == ROUTE_OFFLINE)[0]
     np.testing.assert_array_equal(out["chosen_response"][offline], batch["chosen_response"][offline])
     # Reference log-probs handed to the step are those of the responses actually used.
-    ref = np.asarray(loop.ref_logp(loop.ref_params, out["prompt_ids"], out["prompt_mask"], out["chosen_response"],
-                               out["chosen_response_mask"]))
+    ref = make_logp_fn(loop.ref_graphdef, loop.mesh)(loop.ref_params, out["prompt_ids"], out["prompt_mask"],
+                                                     out["chosen_response"], out["chosen_response_mask"])
     np.testing.assert_allclose(out["ref_chosen_logps"], ref, atol=1e-4)
 
 
 def test_loop_pp_labels_follow_the_implicit_reward_law(loop):
     """Over many steps, PP picks y_w = a with frequency σ(β·h_ab) (β·h from the current policy)."""
+    from sail_jax.evaluate import make_logp_fn
+
     loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 1.05, loop.state.params))  # π != π_ref
     block = loop._generate_block(0)
     batch, samples = block.batches[0], block.samples[0]
     k, b = int(loop.sail.num_samples), 16
     rp, rpm = np.repeat(batch["prompt_ids"], k, 0), np.repeat(batch["prompt_mask"], k, 0)
-    pol = np.asarray(loop.logp(loop.state.params, rp, rpm, samples["tokens"], samples["mask"])).reshape(b, k)
-    ref = np.asarray(loop.ref_logp(loop.ref_params, rp, rpm, samples["tokens"], samples["mask"])).reshape(b, k)
+    pol = make_logp_fn(loop.graphdef, loop.mesh)(loop.state.params, rp, rpm, samples["tokens"],
+                                                 samples["mask"]).reshape(b, k)
+    ref = make_logp_fn(loop.ref_graphdef, loop.mesh)(loop.ref_params, rp, rpm, samples["tokens"],
+                                                     samples["mask"]).reshape(b, k)
     implicit = loop.beta * (pol - ref)
     p_first = 1 / (1 + np.exp(-(implicit[:, 0] - implicit[:, 1])))  # first_two selection
     hits, trials, expected = 0, 0, 0.0
     for step in range(300):
-        out, _ = loop.label(step, batch, samples)
+        out, _ = _label(loop, step, batch, samples)
         for i in np.where((out["route"] == ROUTE_PP) & (out["valid"] == 1))[0]:
             first = np.array_equal(out["chosen_response"][i], samples["tokens"][i * k])
             hits, trials, expected = hits + first, trials + 1, expected + p_first[i]
@@ -141,7 +223,7 @@ def test_loop_pp_labels_follow_the_implicit_reward_law(loop):
 
 def test_sail_objective_equals_sail_loss_on_the_same_pairs(loop):
     block = loop._generate_block(0)
-    out, _ = loop.label(0, block.batches[0], block.samples[0])
+    out, _ = _label(loop, 0, block.batches[0], block.samples[0])
     model = loop.export_model()
     objective = make_sail_objective(loop.config.loss, loop.sail, score_temperature=1.0)
     loss, metrics = objective(model, {k: jnp.asarray(v) for k, v in out.items()}, {"baseline": RunningBaseline.init()},
