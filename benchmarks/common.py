@@ -22,3 +22,15 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def model_config(name: str):
+    """Our ``ModelConfig`` for the shape ``name`` of SHAPES (random weights; float32 unless overridden)."""
+    from sail_jax.models import ModelConfig
+
+    s = SHAPES[name]
+    return ModelConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                       intermediate_size=s["intermediate_size"], num_layers=s["num_hidden_layers"],
+                       num_heads=s["num_attention_heads"], num_kv_heads=s["num_key_value_heads"],
+                       head_dim=s["hidden_size"] // s["num_attention_heads"],
+                       tie_word_embeddings=s.get("tie_word_embeddings", False))

@@ -20,11 +20,12 @@ import time
 
 import jax
 import numpy as np
-from common import SHAPES, median_time
+from common import median_time
+from common import model_config as make_model_config
 from flax import nnx
 
 from sail_jax.configs import base_config
-from sail_jax.models import ModelConfig, build_model
+from sail_jax.models import build_model
 from sail_jax.objectives import make_dpo_objective
 from sail_jax.optim import make_optimizer
 from sail_jax.sampling import generate
@@ -33,15 +34,6 @@ from sail_jax.train import make_train_step
 from sail_jax.trainable import prepare
 
 GIB = 1024**3
-
-
-def _model_config(name: str) -> ModelConfig:
-    s = SHAPES[name]
-    return ModelConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                       intermediate_size=s["intermediate_size"], num_layers=s["num_hidden_layers"],
-                       num_heads=s["num_attention_heads"], num_kv_heads=s["num_key_value_heads"],
-                       head_dim=s["hidden_size"] // s["num_attention_heads"],
-                       tie_word_embeddings=s.get("tie_word_embeddings", False))
 
 
 def _batch(vocab, batch, length):
@@ -61,7 +53,7 @@ def _gib(*trees) -> float:
 
 
 def bench(name: str, rank: int, batch_size: int, length: int, new_tokens: int, repeats: int) -> list[dict]:
-    model_config = _model_config(name)
+    model_config = make_model_config(name)
     config = base_config("dpo")
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     batch = shard_batch(_batch(model_config.vocab_size, batch_size, length), mesh)
