@@ -119,11 +119,12 @@ def test_a_sharded_lora_step_equals_one_device(tiny_checkpoint, mesh_shape):
 
 
 @pytest.mark.slow
-def test_lora_dpo_learns_resumes_exactly_and_exports_the_merged_model(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("quantize", ["", "nf4"])  # LoRA, and QLoRA over an NF4 base
+def test_lora_dpo_learns_resumes_exactly_and_exports_the_merged_model(tiny_checkpoint, tmp_path, quantize):
     train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(64, 1))
     evalp = write_jsonl(tmp_path / "eval.jsonl", synthetic_pairs(16, 2))
     lora = ("--config.lora.rank=8", "--config.lora.alpha=16", "--config.lora.dropout=0.1",
-            "--config.optim.learning_rate=1e-2",
+            f"--config.lora.quantize={quantize}", "--config.optim.learning_rate=1e-2",
             "--config.optim.schedule=constant",  # the same math for 12 and 24 steps
             "--config.log_every=1", "--config.checkpoint.every=4", "--config.eval_every=100")
 
@@ -144,9 +145,10 @@ def test_lora_dpo_learns_resumes_exactly_and_exports_the_merged_model(tiny_check
     q, embed = "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"
     assert not np.allclose(whole[q], base[q]) and np.array_equal(whole[embed], base[embed])
     assert not any("lora" in k for k in whole)  # a plain model: adapters folded in
+    assert whole.keys() == base.keys() and all(whole[k].dtype == base[k].dtype for k in base)  # plain kernels
     # The checkpoint holds the adapters and their optimizer state, not the base.
     config = json.loads((tmp_path / "whole" / "checkpoints" / "run_config.json").read_text())
-    assert config["lora.rank"] == 8  # part of the run's identity: a resume cannot change it
+    assert (config["lora.rank"], config["lora.quantize"]) == (8, quantize)  # the run's identity: a resume cannot change it
     ckpt_bytes = sum(f.stat().st_size for f in (tmp_path / "whole" / "checkpoints" / "24").rglob("*") if f.is_file())
     assert ckpt_bytes < 3 * os.path.getsize(os.path.join(tiny_checkpoint, "model.safetensors"))
 

@@ -1,21 +1,18 @@
 """QLoRA: the frozen base stored as int8 or NF4 codes. The codes equal bitsandbytes' (the reference
 implementation of QLoRA's NF4 and LLM.int8()'s vector-wise int8), the quantized model stays close to
 the original, fresh adapters over it are exactly the quantized base (the reference), only adapters
-train, a sharded step equals one device, and a QLoRA DPO run learns and exports plain kernels."""
+train and a sharded step equals one device. (A QLoRA DPO run through the CLI that learns, resumes
+exactly and exports plain kernels: tests/test_lora.py.)"""
 
-import json
 import os
 import re
-import subprocess
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import dpo_command, synthetic_pairs, write_jsonl
 from flax import nnx
-from safetensors.numpy import load_file
 
 from sail_jax.configs import base_config
 from sail_jax.models import load_pretrained
@@ -23,7 +20,6 @@ from sail_jax.models.lora import add_lora, merge_lora
 from sail_jax.models.quantize import dequantize_kernel, quantize_kernel, quantize_model
 from sail_jax.sharding import bytes_per_device, make_mesh, param_shardings
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [((128, 96), 1), ((64, 4, 16), 1), ((4, 64, 96), 2)]  # [d, ffn], q_proj [d, heads, hd], o_proj
 
 
@@ -161,33 +157,6 @@ def test_qlora_trains_only_adapters_and_a_sharded_step_equals_one_device(tiny_ch
     loss8, params8, *_ = _qlora_step(tiny_checkpoint, (2, 2, 2), kind)
     assert abs(loss8 - loss1) < 1e-5
     chex.assert_trees_all_close(params8, params1, atol=1e-5, rtol=0)
-
-
-@pytest.mark.slow
-def test_qlora_dpo_learns_resumes_exactly_and_exports_plain_kernels(tiny_checkpoint, tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(64, 1))
-    evalp = write_jsonl(tmp_path / "eval.jsonl", synthetic_pairs(16, 2))
-    qlora = ("--config.lora.rank=8", "--config.lora.alpha=16", "--config.lora.quantize=nf4",
-             "--config.optim.learning_rate=1e-2", "--config.optim.schedule=constant", "--config.log_every=1",
-             "--config.checkpoint.every=4", "--config.eval_every=100")
-
-    def run(work, steps):
-        cmd = dpo_command(work, tiny_checkpoint, train, evalp, *qlora, f"--config.steps={steps}")
-        out = subprocess.run(cmd, cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return out
-
-    run(tmp_path / "whole", 24)
-    run(tmp_path / "split", 12)
-    assert "resuming from step 12 of 24" in run(tmp_path / "split", 24).stderr
-    losses = [json.loads(line)["loss"] for line in open(tmp_path / "whole" / "metrics.jsonl") if '"train"' in line]
-    assert losses[0] == pytest.approx(np.log(2), abs=1e-6) and losses[-1] < losses[0] - 0.05, losses
-    whole, split = (load_file(str(tmp_path / w / "export" / "model.safetensors")) for w in ("whole", "split"))
-    assert whole.keys() == split.keys() and all(np.array_equal(whole[k], split[k]) for k in whole)
-    base = load_file(os.path.join(tiny_checkpoint, "model.safetensors"))
-    assert whole.keys() == base.keys() and all(whole[k].dtype == base[k].dtype for k in base)  # plain kernels
-    config = json.loads((tmp_path / "whole" / "checkpoints" / "run_config.json").read_text())
-    assert config["lora.quantize"] == "nf4"  # part of the run's identity
 
 
 @pytest.mark.parametrize("rank,quantize,message", [
