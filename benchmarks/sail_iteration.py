@@ -9,8 +9,8 @@ ratios measured side by side in one run:
     python benchmarks/sail_iteration.py            # SmolLM2-135M shape, 8 prompts x 2 samples, 64 + 64 tokens
     python benchmarks/sail_iteration.py --quick    # the tiny shape
 
-The main job's settings (SAIL-PP + RevKL, 30% of rows self-labelled), random weights, float32, one
-device; medians of ``--repeats`` calls after a warm-up (compile) call.
+The main job's settings (SAIL-PP + RevKL, 30% of rows self-labelled), random weights, float32 (or
+``--dtype bfloat16`` compute over float32 weights, the presets' setting), one device; medians of ``--repeats`` calls after a warm-up (compile) call.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ from sail_jax.trainable import prepare
 NO_SAIL_TERMS = dict(rho=0.0, lam=0.0, lam_score=0.0, gamma=0.0, revkl=0.0)
 
 
-def bench(name: str, prompts: int, samples: int, prompt_len: int, response_len: int, repeats: int) -> dict:
+def bench(name: str, prompts: int, samples: int, prompt_len: int, response_len: int, repeats: int,
+          dtype: str = "float32") -> dict:
     config = sail_config("sail_pp_revkl")
     config.sail.update(num_samples=samples, log_term_grads=False)
-    model_config = make_model_config(name)
+    model_config = make_model_config(name).replace(dtype=dtype)
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     tx = make_optimizer(config.optim, 100)
     trainable, state, shardings = prepare(build_model(model_config, seed=0), tx, mesh, config.lora, seed=0)
@@ -110,11 +111,13 @@ def main():
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", help="compute dtype, float32 or bfloat16 (weights, optimizer "
+                                                            "state, log-softmax and losses stay float32, as in the presets)")
     args = parser.parse_args()
     name = "tiny" if args.quick else "smollm2-135m"
-    t = bench(name, args.prompts, args.samples, 64, 64, args.repeats)
+    t = bench(name, args.prompts, args.samples, 64, 64, args.repeats, args.dtype)
     print(f"{platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} device(s), jax {jax.__version__}; "
-          f"{name}, {args.prompts} prompts x {args.samples} samples, 64 + 64 tokens, float32")
+          f"{name}, {args.prompts} prompts x {args.samples} samples, 64 + 64 tokens, {args.dtype}")
     iteration = t["generation"] + t["labelling"] + t["train step (SAIL)"]
     print("| part | seconds | share of the iteration |")
     print("|---|---|---|")

@@ -240,7 +240,7 @@ def _per_layer_extrapolation(measure, num_layers: int, saved=None) -> int:
     """``measure(layers)`` itself for models of up to 5 layers; beyond, measured at 2 to 5 layers (the
     first layer shares buffers with the embedding and head, later ones repeat) and extended linearly
     to ``num_layers`` with the *median* per-layer increment: XLA:CPU's scheduler adds an outlier step
-    now and then (Qwen2.5-1.5B with LoRA: +0.18, +0.51, +0.18 GiB from 2 to 5 layers), which one
+    now and then (Qwen2.5-1.5B with LoRA: +0.51, +0.18, +0.18 GiB from 2 to 5 layers), which one
     difference alone would multiply by the depth. Each layer adds at least what its backward pass
     keeps (``saved(layers)``, when given)."""
     if num_layers <= _MEASURED_LAYERS[-1]:
