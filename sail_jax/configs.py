@@ -122,8 +122,9 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
     })
     # eval_kind/eval_path: score evaluations with another source than the labels (empty: the same).
     # kind "": the oracle of task.name (builtin | praise | ifeval); or "model" with path.
-    c.reward = ml_collections.ConfigDict({"kind": "", "path": "", "missing_eos_penalty": 0.5,
-                                          "eval_kind": "", "eval_path": ""})
+    # fn / eval_fn: "package.module:function" for kind / eval_kind "python" ((prompts, responses) -> scores)
+    c.reward = ml_collections.ConfigDict({"kind": "", "path": "", "fn": "", "missing_eos_penalty": 0.5,
+                                          "eval_kind": "", "eval_path": "", "eval_fn": ""})
     c.sail = ml_collections.ConfigDict({
         "p_dp": 0.0, "p_pp": 0.0, "p_pr": 0.0,
         "rho": 0.2, "lam": 0.2, "gamma": 0.3,

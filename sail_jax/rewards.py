@@ -6,10 +6,13 @@
            constraints satisfied)
   model    an HF ``*ForSequenceClassification`` folder (e.g. the reward recipe's export), scoring
            ``prompt + response`` with its own tokenizer and chat template
+  python   your function, ``reward.fn = "package.module:function"``, called as
+           ``function(prompts, responses) -> one float per response`` (checked: shape and finiteness)
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Sequence
 
 import jax
@@ -18,10 +21,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sail_jax.errors import UserError
 from sail_jax.tasks import TASK_NAMES, get_task
 from sail_jax.tokenization import Tokenizer, pack_pairs
 
-REWARD_KINDS = (*TASK_NAMES, "model")
+REWARD_KINDS = (*TASK_NAMES, "model", "python")
+
+
+class RewardError(UserError):
+    pass
 
 
 class OracleReward:
@@ -32,6 +40,46 @@ class OracleReward:
 
     def __call__(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
         return np.asarray([self.fn(p, r) for p, r in zip(prompts, responses)], np.float32)
+
+
+def import_function(spec: str, key: str = "reward.fn") -> Callable:
+    """The callable named ``package.module:function`` (the module must be importable: installed, or on
+    PYTHONPATH)."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise RewardError(f"config.{key}={spec!r} must name a function as 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise RewardError(f"config.{key}={spec!r}: cannot import {module!r} ({e}); install it or add its folder "
+                          "to PYTHONPATH") from None
+    except AttributeError:
+        raise RewardError(f"config.{key}={spec!r}: module {module!r} has no {name!r}") from None
+    if not callable(fn):
+        raise RewardError(f"config.{key}={spec!r} is not callable")
+    return fn
+
+
+class PythonReward:
+    """A user function scoring a batch: ``fn(prompts, responses)`` must return one finite float per
+    response; anything else stops the run with the row and the value."""
+
+    def __init__(self, spec: str):
+        self.spec, self.fn = spec, import_function(spec)
+
+    def __call__(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
+        try:
+            scores = np.asarray(self.fn(list(prompts), list(responses)), dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise RewardError(f"reward.fn {self.spec} returned something that is not a list of numbers ({e})") from None
+        if scores.shape != (len(responses),):
+            raise RewardError(f"reward.fn {self.spec} returned shape {scores.shape} for {len(responses)} responses; "
+                              "it must return one float per response")
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if len(bad):
+            raise RewardError(f"reward.fn {self.spec} returned {scores[bad[0]]} for response {bad[0]} "
+                              f"({responses[bad[0]]!r}); scores must be finite")
+        return scores.astype(np.float32)
 
 
 class ModelReward:
@@ -64,9 +112,11 @@ class ModelReward:
 
 
 def make_reward_source(cfg):
-    """From ``config.reward``: ``kind`` and, for ``model``, ``path``."""
+    """From ``config.reward``: ``kind`` and, for ``model``, ``path``; for ``python``, ``fn``."""
     if cfg.kind in TASK_NAMES:
         return OracleReward(get_task(cfg.kind).oracle_reward)
+    if cfg.kind == "python":
+        return PythonReward(cfg.get("fn", ""))
     if cfg.kind == "model":
         if not cfg.path:
             raise ValueError("config.reward.path is empty: point it at a reward-model folder (kind=model)")
@@ -81,4 +131,5 @@ def make_eval_reward_source(cfg):
     kind = cfg.get("eval_kind", "")
     if not kind:
         return None
-    return make_reward_source(ml_collections.ConfigDict({"kind": kind, "path": cfg.get("eval_path", "")}))
+    return make_reward_source(ml_collections.ConfigDict({"kind": kind, "path": cfg.get("eval_path", ""),
+                                                         "fn": cfg.get("eval_fn", "")}))

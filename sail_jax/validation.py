@@ -212,6 +212,11 @@ def validate_online_config(config) -> None:
     for kind, path in ((config.reward.kind, "path"), (eval_kind, "eval_path")):
         _require(kind != "model" or bool(config.reward.get(path, "")),
                  f"config.reward.{path} is empty: reward kind 'model' needs a reward-model folder")
+    for kind, fn in ((config.reward.kind, "fn"), (eval_kind, "eval_fn")):
+        if kind == "python":  # importable now, not after the task is built
+            from sail_jax.rewards import import_function
+
+            import_function(config.reward.get(fn, ""), f"reward.{fn}")
     _require(float(g.temperature) > 0, f"config.generation.temperature={g.temperature} must be > 0 for sampling")
     _require(int(g.max_new_tokens) <= int(config.data.max_response_length),
              f"config.generation.max_new_tokens={g.max_new_tokens} exceeds data.max_response_length="

@@ -20,6 +20,7 @@ from sail_jax.online import OnlineLoop
 from sail_jax.progress import say
 from sail_jax.rewards import make_eval_reward_source, make_reward_source
 from sail_jax.sharding import make_mesh, sharding_fn
+from sail_jax.tasks import TASK_NAMES
 from sail_jax.tasks.prepare import prepare_task
 from sail_jax.tokenization import Tokenizer
 from sail_jax.trainable import export_policy
@@ -67,14 +68,15 @@ def run(config, workdir: str) -> dict:
                "generation_share": loop.seconds["generation"] / max(loop.seconds["steps"], 1e-9)}
     export_policy(config, loop.trainable, loop.state.params, workdir, tokenizer)  # collective
     if jax.process_index() == 0:
-        text = summary_text(summary, loop.evaluator.sample_table(), builtin)
+        scored_by = config.reward.get("eval_kind") or config.reward.kind
+        text = summary_text(summary, loop.evaluator.sample_table(), oracle=scored_by in TASK_NAMES)
         write_summary(workdir, summary, text)
         _plot(workdir)
         print("\n" + text)
     return summary
 
 
-def summary_text(summary, samples, builtin: bool) -> str:
+def summary_text(summary, samples, *, oracle: bool) -> str:
     """The block the main job prints (and README quotes): reference vs final policy, then samples."""
     name = summary["variant"] or "policy"
     rows = [("SFT / reference", summary["reference"]), (f"{name} (final)", summary["final"])]
@@ -82,7 +84,7 @@ def summary_text(summary, samples, builtin: bool) -> str:
     for label, m in rows:
         lines.append(f"{label:<24} {m['reward']:>7.3f} {m['win_rate']:>16.3f} {m['kl']:>12.3f} "
                      f"{m['distinct_2']:>11.3f}")
-    lines += ["", "samples (reference → policy, with " + ("oracle" if builtin else "reward") + " scores):"]
+    lines += ["", "samples (reference → policy, with " + ("oracle" if oracle else "reward") + " scores):"]
     for prompt, ref, r_ref, pol, r_pol in samples:
         lines.append(f"  {prompt!s:<32} {ref!r} ({r_ref:+.2f}) → {pol!r} ({r_pol:+.2f})")
     return "\n".join(lines)
