@@ -62,10 +62,14 @@ def _free(key: str) -> bool:
 
 
 def changed_keys(saved: dict, current: dict) -> list[str]:
-    """``key: old -> new`` for every key that changes the run's math (missing keys show as <unset>)."""
+    """``key: old -> new`` for every key that changes the run's math (missing keys show as <unset>). A key
+    the saved run did not have yet is no change while it is empty ('', None): options added since are
+    off that way (``lora.quantize``, ``reward.fn``), so a run started before them still resumes."""
     out = []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        if key not in saved and new in ("", None):
+            continue
         if old != new and not _free(key):
             out.append(f"{key}: {old!r} -> {new!r}")
     return out

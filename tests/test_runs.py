@@ -275,3 +275,12 @@ def test_a_stop_waits_for_a_step_where_the_trainer_can_resume_exactly(tiny_check
         drive(trainer, config, str(tmp_path), desc="sft")
     assert stopped.value.step == 8 and stopped.value.exit_code == 128 + signal.SIGTERM
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["8"]
+
+
+def test_a_run_saved_before_an_option_existed_resumes_while_the_option_is_off():
+    from sail_jax.workdir import changed_keys
+
+    saved = {"optim.learning_rate": 0.001, "lora.rank": 0}
+    assert changed_keys(saved, {**saved, "lora.quantize": "", "reward.fn": ""}) == []
+    assert changed_keys(saved, {**saved, "lora.quantize": "nf4"}) == ["lora.quantize: '<unset>' -> 'nf4'"]
+    assert changed_keys({**saved, "reward.fn": "m:f"}, {**saved, "reward.fn": ""}) == ["reward.fn: 'm:f' -> ''"]
