@@ -1,5 +1,5 @@
-"""Sampler throughput: ours (jitted, KV cache) vs transformers `generate` (PyTorch, CPU) vs our model
-decoding without a cache, on identical weights; plus one decode step against its floors: the bytes it
+"""Sampler throughput: ours (jitted, KV cache) vs Tunix's `Sampler` (JAX) vs transformers `generate`
+(PyTorch, CPU) vs our model decoding without a cache, on identical weights; plus one decode step against its floors: the bytes it
 must read at the machine's streaming read bandwidth, and its FLOPs at the rate this machine multiplies
 a batch-sized matrix by a weight matrix (small-batch decoding is bound by that GEMM rate on a CPU).
 
@@ -7,7 +7,10 @@ a batch-sized matrix by a weight matrix (small-batch decoding is bound by that G
     python benchmarks/sampling.py --quick    # tiny config only, fewer tokens
 
 Every row generates exactly `new_tokens` per sequence (no EOS can stop it early). Needs the `test`
-extra (torch). Numbers are medians of `--repeats` timed runs after one warm-up (compile) run.
+extra (torch); the Tunix rows need Tunix (see benchmarks/tunix_peer.py; the script prints the install
+line when it is missing). Numbers are medians of `--repeats` timed runs after one warm-up (compile)
+run. Sampling is at temperature 1 (Tunix through top-p 1.0, its only way to sample at T = 1); greedy
+rows time ours and Tunix's argmax decoding, whose tokens are checked equal first.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import tunix_peer
 from common import SHAPES, median_time
 
 from sail_jax.models import load_pretrained
@@ -64,16 +68,20 @@ def _no_cache_decode(model, ids, mask, new_tokens):
     return run
 
 
-def bench_shape(name, batch, prompt_len, new_tokens, repeats, with_no_cache):
+def bench_shape(name, batch, prompt_len, new_tokens, repeats, with_no_cache, with_tunix):
     import torch
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**SHAPES[name], max_position_embeddings=4096)
+    # RoPE base 1e6: Tunix 0.1.7's Llama3 attention applies that base whatever its config says, and
+    # all three samplers must compute the same function (the base does not change the cost).
+    config = transformers.LlamaConfig(**SHAPES[name], max_position_embeddings=4096, rope_theta=1_000_000.0)
     hf = transformers.LlamaForCausalLM(config).eval()
     with tempfile.TemporaryDirectory() as path:
         hf.save_pretrained(path)
         model = load_pretrained(path)
+        if with_tunix:
+            tunix_model, tunix_config = tunix_peer.load_llama(path)
     rng = np.random.RandomState(0)
     ids = rng.randint(1, config.vocab_size, (batch, prompt_len)).astype(np.int32)
     mask = np.ones_like(ids)
@@ -92,6 +100,17 @@ def bench_shape(name, batch, prompt_len, new_tokens, repeats, with_no_cache):
 
     rows = {"ours (jit + KV cache)": median_time(ours, repeats),
             "transformers generate (torch CPU)": median_time(hf_generate, repeats)}
+    if with_tunix:
+        tunix_sample = tunix_peer.sampler(tunix_model, tunix_config, cache_length(prompt_len, new_tokens))
+        ours_greedy = generate(model, ids, mask, key, max_new_tokens=new_tokens, temperature=0.0, eos_ids=[-1])
+        if not np.array_equal(np.asarray(ours_greedy.tokens)[:, :new_tokens],
+                              np.stack(tunix_sample(ids, new_tokens, 0.0))):
+            raise SystemExit(f"{name}: Tunix's greedy tokens differ from ours; the weights or the model differ")
+        rows["Tunix Sampler (T = 1, top-p 1.0)"] = median_time(lambda: tunix_sample(ids, new_tokens, 1.0), repeats)
+        rows["ours, greedy"] = median_time(lambda: generate(
+            model, ids, mask, key, max_new_tokens=new_tokens, temperature=0.0, eos_ids=[-1]).tokens
+            .block_until_ready(), repeats)
+        rows["Tunix Sampler, greedy"] = median_time(lambda: tunix_sample(ids, new_tokens, 0.0), repeats)
     if with_no_cache:
         rows["ours without cache"] = median_time(_no_cache_decode(model, ids, mask, new_tokens), 1)
 
@@ -124,6 +143,9 @@ def main():
     args = parser.parse_args()
     shapes = ["tiny"] if args.quick else list(SHAPES)
     new_tokens = 32 if args.quick else args.new_tokens
+    tunix_missing = tunix_peer.available()
+    if tunix_missing:
+        print(tunix_missing)
     bandwidth = _read_bandwidth()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
           f"on {jax.devices()[0].platform}; streaming read bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -133,7 +155,7 @@ def main():
     steps = []
     for shape in shapes:
         rows, tokens, stats = bench_shape(shape, args.batch, args.prompt, new_tokens, args.repeats,
-                                          shape in args.no_cache_shapes.split(","))
+                                          shape in args.no_cache_shapes.split(","), not tunix_missing)
         hf_time = rows["transformers generate (torch CPU)"]
         for label, seconds in rows.items():
             print(f"| {shape} | {label} | {seconds:.2f} | {tokens / seconds:,.0f} | {hf_time / seconds:.2f}x |")

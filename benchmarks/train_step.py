@@ -1,11 +1,15 @@
 """DPO train-step throughput: ours (one jitted step: policy forward+backward on chosen+rejected,
-reference forward, AdamW) vs the same minimal step in PyTorch (CPU) on identical weights and batch;
-plus our achieved FLOP/s against a large matmul measured in the same run.
+reference forward, AdamW) vs Tunix's `DPOTrainer` step (JAX) vs the same minimal step in PyTorch (CPU)
+on identical weights and batch; plus our achieved FLOP/s against a large matmul measured in the same
+run. The second step's losses (after one update) of the three are printed side by side: they
+must agree.
 
     python benchmarks/train_step.py            # tiny config and the SmolLM2-135M shape
     python benchmarks/train_step.py --quick    # tiny config only
 
-Needs the `test` extra (torch). Medians of `--repeats` steps after a warm-up (compile) step.
+Needs the `test` extra (torch); the Tunix column needs Tunix (benchmarks/tunix_peer.py; the script
+prints the install line when it is missing). Medians of `--repeats` steps after a warm-up (compile)
+step.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tunix_peer
 from common import SHAPES, median_time
 
 from sail_jax.configs import base_config
@@ -29,10 +34,13 @@ from sail_jax.train import create_train_state, frozen_copy, make_train_step
 
 
 def _batch(vocab, batch, length, seed=0):
+    """Pairs of rows sharing their first half (the prompt); the second half is the response."""
     rng = np.random.RandomState(seed)
     out = {}
+    prompt = rng.randint(0, vocab, (batch, length // 2)).astype(np.int32)
     for side in ("chosen", "rejected"):
-        out[f"{side}_input_ids"] = rng.randint(0, vocab, (batch, length)).astype(np.int32)
+        response = rng.randint(0, vocab, (batch, length - length // 2)).astype(np.int32)
+        out[f"{side}_input_ids"] = np.concatenate([prompt, response], axis=1)
         out[f"{side}_attention_mask"] = np.ones((batch, length), np.int32)
         loss_mask = np.zeros((batch, length), np.int32)
         loss_mask[:, length // 2:] = 1  # second half is the response
@@ -68,6 +76,7 @@ def _torch_step(path, batch, lr):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        return loss.item()
 
     return step
 
@@ -86,7 +95,7 @@ def _ours_step(path, batch, lr):
 
     def run():
         holder["state"], metrics = step(holder["state"], data, frozen)
-        jax.block_until_ready(metrics["loss"])
+        return float(metrics["loss"])
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     return run, n_params
@@ -98,23 +107,29 @@ def _matmul_flops(n=2048, repeats=5):
     return 2 * n**3 / median_time(lambda: f(a).block_until_ready(), repeats)
 
 
-def bench(name, batch_size, length, repeats):
+def bench(name, batch_size, length, repeats, with_tunix):
     import torch
     import transformers
 
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[name], max_position_embeddings=4096))
+    # RoPE base 1e6: Tunix 0.1.7's Llama3 attention applies that base whatever its config says.
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[name], max_position_embeddings=4096,
+                                                                rope_theta=1_000_000.0))
     batch = _batch(SHAPES[name]["vocab_size"], batch_size, length)
+    steps = {}
     with tempfile.TemporaryDirectory() as path:
         hf.save_pretrained(path)
-        ours, n_params = _ours_step(path, batch, 1e-5)
-        theirs = _torch_step(path, batch, 1e-5)
-        t_ours = median_time(ours, repeats)
-        t_torch = median_time(theirs, repeats)
+        steps["ours"], n_params = _ours_step(path, batch, 1e-5)
+        steps["torch"] = _torch_step(path, batch, 1e-5)
+        if with_tunix:
+            steps["tunix"] = tunix_peer.dpo_step(path, batch, 1e-5)
+    # Same weights, batch and optimizer: the second step's loss (after one update) must agree.
+    second_loss = {k: [step(), step()][1] for k, step in steps.items()}
+    seconds = {k: median_time(step, repeats) for k, step in steps.items()}
     tokens = 2 * batch_size * length  # chosen + rejected rows
     # Policy forward+backward (6 FLOPs per parameter per token) + reference forward (2); attention not counted.
     flops = 8 * n_params * tokens
-    return {"shape": name, "ours": t_ours, "torch": t_torch, "tokens": tokens, "flops": flops}
+    return {"shape": name, "seconds": seconds, "second_loss": second_loss, "tokens": tokens, "flops": flops}
 
 
 def main():
@@ -125,18 +140,25 @@ def main():
     parser.add_argument("--length", type=int, default=128)
     args = parser.parse_args()
     shapes = ["tiny"] if args.quick else ["tiny", "smollm2-135m"]
+    tunix_missing = tunix_peer.available()
+    if tunix_missing:
+        print(tunix_missing)
     peak = _matmul_flops()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
           f"{jax.devices()[0].platform}; batch {args.batch} pairs x {args.length} tokens, float32, AdamW")
     print(f"2048x2048 float32 matmul: {peak / 1e9:.1f} GFLOP/s\n")
-    print("| shape | ours s/step | torch s/step | ours tokens/s | torch tokens/s | speed-up | ours GFLOP/s | of matmul |")
-    print("|---|---|---|---|---|---|---|---|")
+    peers = ["torch"] + ([] if tunix_missing else ["tunix"])
+    print("| shape | 2nd-step loss (ours / " + " / ".join(peers) + ") | ours s/step | "
+          + " | ".join(f"{p} s/step | ours vs {p}" for p in peers) + " | ours tokens/s | ours GFLOP/s | of matmul |")
+    print("|---" * (6 + 2 * len(peers)) + "|")
     for name in shapes:
-        r = bench(name, args.batch, args.length, args.repeats)
-        achieved = r["flops"] / r["ours"]
-        print(f"| {name} | {r['ours']:.3f} | {r['torch']:.3f} | {r['tokens'] / r['ours']:,.0f} | "
-              f"{r['tokens'] / r['torch']:,.0f} | {r['torch'] / r['ours']:.2f}x | {achieved / 1e9:.1f} | "
-              f"{achieved / peak:.0%} |")
+        r = bench(name, args.batch, args.length, args.repeats, not tunix_missing)
+        s = r["seconds"]
+        achieved = r["flops"] / s["ours"]
+        losses = " / ".join(f"{r['second_loss'][k]:.7f}" for k in ["ours"] + peers)
+        print(f"| {name} | {losses} | {s['ours']:.3f} | "
+              + " | ".join(f"{s[p]:.3f} | {s[p] / s['ours']:.2f}x" for p in peers)
+              + f" | {r['tokens'] / s['ours']:,.0f} | {achieved / 1e9:.1f} | {achieved / peak:.0%} |")
 
 
 if __name__ == "__main__":
