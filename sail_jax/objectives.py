@@ -152,7 +152,7 @@ def make_sail_objective(loss_cfg, sail_cfg, *, score_temperature: float = 1.0, d
     lam_score = sail_cfg.get("lam_score", None)
     coefficients = dict(rho=float(sail_cfg.rho), lam=float(sail_cfg.lam), gamma=float(sail_cfg.gamma),
                         lam_score=None if lam_score is None else float(lam_score),
-                        revkl=float(sail_cfg.get("revkl", 0.0)))
+                        revkl=float(sail_cfg.get("revkl", 0.0)), xpo_alpha=float(sail_cfg.get("xpo_alpha", 0.0)))
 
     def terms(logps, score, lengths, batch, frozen):
         b = batch["route"].shape[0]
@@ -163,9 +163,10 @@ def make_sail_objective(loss_cfg, sail_cfg, *, score_temperature: float = 1.0, d
             logps[:b], logps[b:], batch["ref_chosen_logps"], batch["ref_rejected_logps"], batch["route"],
             beta=beta, **coefficients, baseline=sail_cfg.baseline, score_term=sail_cfg.score_term,
             released_code_scale=scale, loss_type=loss_cfg.loss_type,
+            online_loss_type=sail_cfg.get("online_loss_type", ""),
             label_smoothing=float(loss_cfg.get("label_smoothing", 0.0)), score_chosen_logps=score[:b],
             score_rejected_logps=score[b:], mask=valid, baseline_state=frozen["baseline"],
-            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:])
+            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], opponent_chosen=batch.get("opponent_chosen"))
         return per_term, metrics, n_valid
 
     def objective(model, batch, frozen, rng):
@@ -174,6 +175,7 @@ def make_sail_objective(loss_cfg, sail_cfg, *, score_temperature: float = 1.0, d
         return jnp.sum(sum(per_term.values())) / n_valid, metrics
 
     objective.terms = terms
+    objective.term_names = TERMS + (("xpo",) if coefficients["xpo_alpha"] else ())
     objective.score_temperature = t
     return objective
 
@@ -196,11 +198,11 @@ def make_term_gradient_norms(graphdef, objective):
             return jnp.sum(per_term[name]) / n_valid
 
         out = {}
-        for name in TERMS:
+        for name in objective.term_names:
             g_logps, g_score = jax.grad(term_mean, argnums=(0, 1))(logps, score, name)
             out[f"grad_norm/{name}"] = optax.tree.norm(pullback((g_logps, g_score))[0])
         total = sum(out.values())
-        out.update({f"grad_share/{name}": out[f"grad_norm/{name}"] / jnp.maximum(total, 1e-12) for name in TERMS})
+        out.update({f"grad_share/{name}": out[f"grad_norm/{name}"] / jnp.maximum(total, 1e-12) for name in objective.term_names})
         return out
 
     return norms

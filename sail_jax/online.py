@@ -16,6 +16,7 @@ boundaries, so a resumed run repeats an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -26,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sail_jax.data.pipeline import train_iterator
 from sail_jax.distributed import global_array, to_host
 from sail_jax.driver import drive
 from sail_jax.evaluate import Evaluator, decode_responses, distinct_n
@@ -34,6 +36,8 @@ from sail_jax.objectives import make_sail_objective, make_term_gradient_norms, r
 from sail_jax.sail_terms import (ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood,
                                  update_running_baseline)
 from sail_jax.optim import make_optimizer
+from sail_jax.reference_cache import KEYS as REF_KEYS
+from sail_jax.reference_cache import attach_reference_logps
 from sail_jax.sampling import generate
 from sail_jax.sharding import batch_sharding, data_parallel_size
 from sail_jax.train import checkpoint_dir, make_train_step
@@ -61,7 +65,7 @@ class Block:
 class OnlineLoop:
     """Owns the train state, the reference, the prompt iterator and the generation buffer."""
 
-    def __init__(self, config, *, model, tokenizer, mesh, prompt_iterator, train_prompts, reward_source, evaluator_args,
+    def __init__(self, config, *, model, tokenizer, mesh, train_arrays, train_prompts, reward_source, evaluator_args,
                  workdir, eval_reward_source=None):
         self.config, self.tokenizer, self.mesh, self.workdir = config, tokenizer, mesh, workdir
         self.sail, self.gen = config.sail, config.generation
@@ -87,7 +91,10 @@ class OnlineLoop:
                              batch[f"{s}_response"], batch[f"{s}_response_mask"])[0] for s in ("chosen", "rejected")),
             batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=self.beta))
         self.baseline = RunningBaseline.init()
-        self.prompts = prompt_iterator
+        if config.reference.get("precompute", False):
+            self._precompute_reference(train_arrays)
+        # The whole global batch on every process: labelling is replicated, each process trains on its rows.
+        self.prompts = train_iterator(train_arrays, config.batch_size, seed=config.seed)
         self.reward_source = reward_source
         self.train_prompts = train_prompts  # record prompts by row, for reward sources that read text
         self.key = jax.random.key(config.seed)
@@ -98,6 +105,15 @@ class OnlineLoop:
                                    tokenizer=tokenizer, gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
                                    missing_eos_penalty=float(config.reward.missing_eos_penalty), mesh=mesh,
                                    **evaluator_args)
+
+    def _precompute_reference(self, arrays):
+        """``reference.precompute``: the dataset pairs' reference log-probs, once, into the batches."""
+        ref = nnx.merge(self.ref_graphdef, self.ref_params)
+        fn = jax.jit(lambda b: tuple(response_logps(ref, b["prompt_ids"], b["prompt_mask"], b[f"{s}_response"],
+                                                    b[f"{s}_response_mask"])[0] for s in ("chosen", "rejected")))
+        attach_reference_logps(arrays, fn, batch_size=int(self.config.eval_batch_size), mesh=self.mesh,
+                               cache_path=os.path.join(self.workdir, "reference_logps_train.npz"),
+                               desc="reference log-probs (train pairs)")
 
     def _score_temperature(self) -> float:
         """S's (and RevKL's) log-probs follow the sampling temperature; the released code used temperature 1."""
@@ -121,13 +137,8 @@ class OnlineLoop:
             model = self.trainable.model(self.state.params)  # adapters applied, not merged (README: LoRA)
             for i, batch in enumerate(batches):
                 t0 = time.time()
-                out = generate(model, batch["prompt_ids"], batch["prompt_mask"], self._key(GEN_KEY, step * 1000 + i),
-                               max_new_tokens=int(self.gen.max_new_tokens), temperature=float(self.gen.temperature),
-                               top_k=int(self.gen.top_k), top_p=float(self.gen.top_p), eos_ids=self.tokenizer.eos_id,
-                               num_samples=int(self.sail.num_samples), pad_id=self.tokenizer.pad_id,
-                               batch_sharding=batch_sharding(self.mesh))
-                pad = int(self.config.data.max_response_length) - out.tokens.shape[1]  # the batch layout's width
-                ids, mask, finished = (np.asarray(to_host(x)) for x in (out.tokens, out.mask, out.finished))
+                ids, mask, finished = self._sample(model, batch, self._key(GEN_KEY, step * 1000 + i))
+                pad = int(self.config.data.max_response_length) - ids.shape[1]  # the batch layout's width
                 s = {"tokens": np.pad(ids, ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_id),
                      "mask": np.pad(mask, ((0, 0), (0, pad))), "finished": finished}
                 seconds += time.time() - t0
@@ -136,6 +147,22 @@ class OnlineLoop:
         distinct = float(np.mean([distinct_n(s["tokens"], s["mask"], 2) for s in samples])) if samples else None
         return Block(step, batches, samples, seconds, tokens, distinct)
 
+    def _sample(self, model, batch, key) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``num_samples`` responses per prompt from the policy (prompt-major, on the host; one for
+        SPIN); with ``sail.opponent=reference`` (XPO) the second of each prompt's two is the reference's."""
+        def draw(m, key, k):
+            out = generate(m, batch["prompt_ids"], batch["prompt_mask"], key, max_new_tokens=int(self.gen.max_new_tokens),
+                           temperature=float(self.gen.temperature), top_k=int(self.gen.top_k),
+                           top_p=float(self.gen.top_p), eos_ids=self.tokenizer.eos_id, num_samples=k,
+                           pad_id=self.tokenizer.pad_id, batch_sharding=batch_sharding(self.mesh))
+            return [np.asarray(to_host(x)) for x in (out.tokens, out.mask, out.finished)]
+
+        if self.sail.get("opponent", "policy") != "reference":
+            return tuple(draw(model, key, int(self.sail.num_samples)))
+        own = draw(model, key, 1)
+        theirs = draw(nnx.merge(self.ref_graphdef, self.ref_params), jax.random.fold_in(key, 1), 1)
+        return tuple(np.stack([a, b], axis=1).reshape((-1,) + a.shape[1:]) for a, b in zip(own, theirs))
+
     # ------------------------------------------------------------------ labelling
     def _make_labeller(self):
         """Labelling as one jitted program on the mesh (``labeling.make_labeller``)."""
@@ -143,7 +170,7 @@ class OnlineLoop:
         return make_labeller(self.graphdef, self.ref_graphdef, self.mesh, self.key, beta=self.beta,
                              num_samples=int(sail.num_samples), pair_selection=sail.pair_selection,
                              pp_label_mode=sail.pp_label_mode, pr_label_mode=sail.pr_label_mode,
-                             relabel_dp=float(sail.p_dp) > 0)
+                             relabel_dp=float(sail.p_dp) > 0, opponent=sail.get("opponent", "policy"))
 
     def label(self, step: int, batch: dict, samples: dict | None) -> tuple[dict, dict]:
         """The train batch (pair per example, per its route; global arrays on the mesh) and the labelling
@@ -169,7 +196,8 @@ class OnlineLoop:
             metrics["pr/sample_reward"] = float(scores.mean())
         sharding = batch_sharding(self.mesh)
         rows = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "chosen_response", "chosen_response_mask",
-                                            "rejected_response", "rejected_response_mask", "valid")}
+                                            "rejected_response", "rejected_response_mask", "valid", *REF_KEYS)
+                if key in batch}
         placed = lambda tree: jax.tree.map(lambda x: global_array(x, sharding), tree)  # noqa: E731
         sample_rows = None if samples is None else placed({"tokens": samples["tokens"], "mask": samples["mask"]})
         out, counts = self._labeller(self.policy_params(), self.ref_params, placed(rows), sample_rows,
@@ -248,6 +276,12 @@ class OnlineLoop:
 
     def evaluate(self) -> dict[str, float]:
         return self.evaluator(self.policy_params())
+
+    def completions(self) -> list[dict]:
+        """The latest evaluation's first ``log_completions`` prompts with the reference's and the
+        policy's samples and rewards (completions.jsonl and TensorBoard text)."""
+        return [dict(zip(("prompt", "reference", "reference_reward", "policy", "policy_reward"), row))
+                for row in self.evaluator.sample_table(int(self.config.get("log_completions", 8)))]
 
     def can_checkpoint(self, done: int) -> bool:
         """Only between generation blocks: the block's samples and prompts are not checkpointed."""

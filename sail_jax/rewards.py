@@ -8,6 +8,11 @@
            ``prompt + response`` with its own tokenizer and chat template
   python   your function, ``reward.fn = "package.module:function"``, called as
            ``function(prompts, responses) -> one float per response`` (checked: shape and finiteness)
+
+or a weighted sum of several (``reward.sources``, with ``reward.kind`` left empty), written as terms
+``[WEIGHT*]KIND[:ARG]`` joined by ``+``: ARG is the folder for ``model`` and ``package.module:function``
+for ``python``; e.g. ``"0.7*builtin + 0.3*python:my_rewards:brevity + 0.1*model:runs/rm/export"``.
+The sum is plain (no rescaling): choose weights for the sources' scales.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -64,20 +68,21 @@ class PythonReward:
     """A user function scoring a batch: ``fn(prompts, responses)`` must return one finite float per
     response; anything else stops the run with the row and the value."""
 
-    def __init__(self, spec: str):
-        self.spec, self.fn = spec, import_function(spec)
+    def __init__(self, spec: str, key: str = "reward.fn"):
+        self.spec, self.key, self.fn = spec, key, import_function(spec, key)
 
     def __call__(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
+        name = f"{self.key} {self.spec}"
         try:
             scores = np.asarray(self.fn(list(prompts), list(responses)), dtype=np.float64)
         except (TypeError, ValueError) as e:
-            raise RewardError(f"reward.fn {self.spec} returned something that is not a list of numbers ({e})") from None
+            raise RewardError(f"{name} returned something that is not a list of numbers ({e})") from None
         if scores.shape != (len(responses),):
-            raise RewardError(f"reward.fn {self.spec} returned shape {scores.shape} for {len(responses)} responses; "
+            raise RewardError(f"{name} returned shape {scores.shape} for {len(responses)} responses; "
                               "it must return one float per response")
         bad = np.flatnonzero(~np.isfinite(scores))
         if len(bad):
-            raise RewardError(f"reward.fn {self.spec} returned {scores[bad[0]]} for response {bad[0]} "
+            raise RewardError(f"{name} returned {scores[bad[0]]} for response {bad[0]} "
                               f"({responses[bad[0]]!r}); scores must be finite")
         return scores.astype(np.float32)
 
@@ -111,17 +116,62 @@ class ModelReward:
         return np.concatenate(out)[: len(pairs)].astype(np.float32)
 
 
+def parse_sources(spec: str) -> list[tuple[float, str, str]]:
+    """``reward.sources`` as ``[(weight, kind, arg)]``; a term that does not parse is named with the fix."""
+    terms = []
+    for i, term in enumerate(t.strip() for t in spec.split("+")):
+        where = f"config.reward.sources term {i + 1} ({term!r})"
+        weight, star, source = term.partition("*")
+        if not star:
+            weight, source = "1", term
+        try:
+            w = float(weight)
+        except ValueError:
+            raise RewardError(f"{where}: weight {weight.strip()!r} is not a number; write WEIGHT*KIND[:ARG]") from None
+        kind, _, arg = source.strip().partition(":")
+        if kind not in REWARD_KINDS:
+            raise RewardError(f"{where}: kind {kind!r} is unknown; valid: {list(REWARD_KINDS)}")
+        if kind in ("model", "python") and not arg:
+            raise RewardError(f"{where}: {kind} needs its " + ("folder (model:PATH)" if kind == "model" else
+                                                              "function (python:package.module:function)"))
+        if kind in TASK_NAMES and arg:
+            raise RewardError(f"{where}: the {kind} oracle takes no argument")
+        if not np.isfinite(w) or w == 0:
+            raise RewardError(f"{where}: weight {w} must be finite and nonzero")
+        terms.append((w, kind, arg))
+    return terms
+
+
+class WeightedReward:
+    """``Σ weight · source(prompts, responses)`` over the parsed ``reward.sources``."""
+
+    def __init__(self, spec: str):
+        self.terms = [(w, _source(kind, arg, f"reward.sources term {i + 1}"))
+                      for i, (w, kind, arg) in enumerate(parse_sources(spec))]
+
+    def __call__(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
+        return sum(w * source(prompts, responses) for w, source in self.terms).astype(np.float32)
+
+
+def _source(kind: str, arg: str, key: str):
+    """One source: a task's oracle, a reward-model folder (``arg``) or a function (``arg``)."""
+    if kind in TASK_NAMES:
+        return OracleReward(get_task(kind).oracle_reward)
+    if kind == "python":
+        return PythonReward(arg, key)
+    if kind == "model":
+        if not arg:
+            raise ValueError(f"config.{key} is empty: point it at a reward-model folder (kind=model)")
+        return ModelReward(arg)
+    raise ValueError(f"config.reward.kind={kind!r} is unknown; valid: {list(REWARD_KINDS)}")
+
+
 def make_reward_source(cfg):
-    """From ``config.reward``: ``kind`` and, for ``model``, ``path``; for ``python``, ``fn``."""
-    if cfg.kind in TASK_NAMES:
-        return OracleReward(get_task(cfg.kind).oracle_reward)
-    if cfg.kind == "python":
-        return PythonReward(cfg.get("fn", ""))
-    if cfg.kind == "model":
-        if not cfg.path:
-            raise ValueError("config.reward.path is empty: point it at a reward-model folder (kind=model)")
-        return ModelReward(cfg.path)
-    raise ValueError(f"config.reward.kind={cfg.kind!r} is unknown; valid: {list(REWARD_KINDS)}")
+    """From ``config.reward``: ``sources``, or ``kind`` with ``path`` (model) or ``fn`` (python)."""
+    if cfg.get("sources", ""):
+        return WeightedReward(cfg.sources)
+    arg_key = {"model": "path", "python": "fn"}.get(cfg.kind, "")
+    return _source(cfg.kind, cfg.get(arg_key, "") if arg_key else "", f"reward.{arg_key or 'kind'}")
 
 
 def make_eval_reward_source(cfg):
@@ -131,5 +181,5 @@ def make_eval_reward_source(cfg):
     kind = cfg.get("eval_kind", "")
     if not kind:
         return None
-    return make_reward_source(ml_collections.ConfigDict({"kind": kind, "path": cfg.get("eval_path", ""),
-                                                         "fn": cfg.get("eval_fn", "")}))
+    arg_key = {"model": "eval_path", "python": "eval_fn"}.get(kind, "")
+    return _source(kind, cfg.get(arg_key, "") if arg_key else "", f"reward.{arg_key or 'eval_kind'}")

@@ -2,12 +2,15 @@
 
 Per example, on its route (``route [batch]`` of ``ROUTE_*``), with ℓ = log σ(β·h):
 
-  preference  offline: ``preference_loss(loss_type)``; DP / PP / PR: ``−ℓ``
+  preference  offline: ``preference_loss(loss_type)``; DP / PP / PR: ``−ℓ`` (or, with
+              ``online_loss_type``, that loss: online IPO, hinge, ...)
   self_label  DP: ``−ρ·½ℓ²``;  PP: ``−λ·½ℓ²``          (gradient through the policy's own labels)
   score       PP: ``−λ·S`` (``lam_score`` apart);  PR: ``−γ·S``, S = sg(ℓ − b)·(logπ(y_w) + logπ(y_l))
               (gradient through the sampling of the responses; or the released code's hook)
   revkl       PP / PR: ``α·½·sg(d_w − d_l)·(logπ(y_w) − logπ(y_l))``, d = logπ(y) − logπ_ref(y)
               (SAIL-RevKL: the gradient of α·KL(π‖π_ref) on the pair's two samples)
+  xpo         PP / PR with the reference as the opponent: ``α_xpo·logπ(y_ref)`` (XPO's exploration
+              term: lowers the policy's likelihood of the reference's sample; only when α_xpo > 0)
 
 The loss is their sum; keeping them apart lets the loop log what each term contributes.
 """
@@ -26,7 +29,7 @@ ROUTE_NAMES = ("offline", "dp", "pp", "pr")
 NUM_ROUTES = len(ROUTE_NAMES)
 BASELINES = ("none", "batch_mean", "running")
 SCORE_TERMS = ("unbiased", "released_code")
-TERMS = ("preference", "self_label", "score", "revkl")
+TERMS = ("preference", "self_label", "score", "revkl")  # and "xpo" when its coefficient is nonzero
 
 
 def implicit_log_likelihood(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta):
@@ -115,10 +118,13 @@ def sail_terms(
     gamma: float,
     lam_score: float | None = None,
     revkl: float = 0.0,
+    xpo_alpha: float = 0.0,
+    opponent_chosen: jax.Array | None = None,
     baseline: str = "batch_mean",
     score_term: str = "unbiased",
     released_code_scale: float | jax.Array = 1.0,
     loss_type: str = "sigmoid",
+    online_loss_type: str = "",
     label_smoothing: float = 0.0,
     score_chosen_logps: jax.Array | None = None,
     score_rejected_logps: jax.Array | None = None,
@@ -139,8 +145,14 @@ def sail_terms(
     ``score_term="released_code"`` replaces S by the authors' hook: ``−coef·sg(ℓ)/sg(logπ(y))`` added
     to each ∂/∂logπ(y), multiplied by ``released_code_scale`` (their per-device micro-batch size x
     gradient-accumulation steps reproduces their batch gradient, see ``objectives``).
+    ``online_loss_type`` (empty: SAIL's −ℓ) is the preference loss of the DP/PP/PR rows, e.g. ``ipo``
+    for online IPO; ½ℓ², S and the labels keep the Bradley–Terry ℓ.
+    ``xpo_alpha`` > 0 adds XPO's term on the sampled rows, whose pair is the policy's sample against
+    the reference's; ``opponent_chosen [batch]`` says whether the chosen response is the reference's.
     """
     check_loss_type(loss_type)
+    if online_loss_type:
+        check_loss_type(online_loss_type)
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; valid: {list(BASELINES)}")
     if score_term not in SCORE_TERMS:
@@ -168,20 +180,31 @@ def sail_terms(
         score = sg(as_float32(released_code_scale)) * (
             _released_code_score(score_c, sg_ell) + _released_code_score(score_r, sg_ell))
         score_weight = 0.5 * jnp.abs(sg(sg_ell / _safe_logp(score_c) + sg_ell / _safe_logp(score_r)))
-    offline = preference_loss(
-        loss_type, p.chosen_logps, p.rejected_logps, p.ref_chosen_logps, p.ref_rejected_logps, beta=beta,
-        label_smoothing=label_smoothing, chosen_lengths=p.chosen_lengths, rejected_lengths=p.rejected_lengths,
-        **extra)
+    def pref(kind, lengths):
+        return preference_loss(kind, p.chosen_logps, p.rejected_logps, p.ref_chosen_logps, p.ref_rejected_logps,
+                               beta=beta, label_smoothing=label_smoothing, chosen_lengths=lengths[0],
+                               rejected_lengths=lengths[1], **extra)
+
+    offline = pref(loss_type, (p.chosen_lengths, p.rejected_lengths))
+    # Online rows use sequence-level log-ratios, as TRL's online trainers do (their IPO is not
+    # length-normalised, unlike its offline DPO's); only a loss normalised by definition gets lengths.
+    online_lengths = (p.chosen_lengths, p.rejected_lengths) if online_loss_type == "sigmoid_norm" else (None, None)
+    online = pref(online_loss_type, online_lengths) if online_loss_type else -ell
     self_label_coef = jnp.where(is_dp, rho, jnp.where(is_pp, lam, 0.0)).astype(jnp.float32)
     # RevKL on the sampled routes: d = log(π_T/π_ref) at the sampling temperature T (exact at T = 1).
     d_c, d_r = score_c - p.ref_chosen_logps, score_r - p.ref_rejected_logps
     revkl_coef = jnp.where(sampled, revkl, 0.0).astype(jnp.float32)
     terms = {
-        "preference": jnp.where(route == ROUTE_OFFLINE, offline, -ell),
+        "preference": jnp.where(route == ROUTE_OFFLINE, offline, online),
         "self_label": -self_label_coef * half_sq,
         "score": -score_coef * score,
         "revkl": revkl_coef * 0.5 * sg(d_c - d_r) * (score_c - score_r),
     }
+    if xpo_alpha:
+        if opponent_chosen is None:
+            raise ValueError("xpo_alpha > 0 needs opponent_chosen (the pair's reference sample, per row)")
+        opponent_logps = jnp.where(jnp.asarray(opponent_chosen).astype(jnp.bool_), p.chosen_logps, p.rejected_logps)
+        terms["xpo"] = jnp.where(sampled, xpo_alpha * opponent_logps, 0.0)
     terms = {k: jnp.where(valid, v, 0.0) for k, v in terms.items()}
 
     metrics = preference_metrics(p.chosen_logps, p.rejected_logps, p.ref_chosen_logps, p.ref_rejected_logps,
@@ -200,7 +223,7 @@ def sail_terms(
     # KL(π‖π_ref) on the training samples (temperature 1): the mean log-ratio of the sampled responses.
     train_kl = masked_mean(sg(0.5 * (p.chosen_logratios + p.rejected_logratios)), scored)
     metrics.update({
-        "sail/dpo_term": masked_mean(-ell, sail_routes),
+        "sail/dpo_term": masked_mean(online, sail_routes),
         "sail/self_label_term": masked_mean(sg(half_sq), self_labelled),
         "sail/score_weight": masked_mean(score_weight, scored),
         "sail/baseline": masked_mean(b, scored),
@@ -208,6 +231,8 @@ def sail_terms(
         "sail/train_kl": train_kl,
         "sail/revkl": jnp.float32(revkl) * train_kl,
     })
+    if xpo_alpha:
+        metrics["xpo/opponent_logps"] = masked_mean(sg(opponent_logps), scored)
     return terms, metrics
 
 

@@ -236,29 +236,56 @@ class Checkpoints:
         self.manager.close()
 
 
+def _open_log(path: str, start_step: int):
+    """A JSONL log opened for appending, keeping only rows up to ``start_step`` (none on a fresh run)."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if start_step > 0 and json.loads(line)["step"] <= start_step]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+    return open(path, "a", encoding="utf-8")
+
+
+def _cell(value) -> str:
+    """A Markdown table cell: floats to 3 decimals, text on one line with its pipes escaped."""
+    text = f"{value:.3f}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 class MetricLogger:
-    """``metrics.jsonl`` (one object per line: step, split, metrics) and TensorBoard events.
+    """``metrics.jsonl`` (one object per line: step, split, metrics), ``completions.jsonl`` (one sampled
+    completion per line, at evaluations) and TensorBoard events (scalars, and completions as text).
 
     Only process 0 writes; values are fetched to host floats here. A run resumed from step
     ``start_step`` keeps the rows up to that step and drops later ones (they are logged again), so
-    the file never holds two histories.
+    the files never hold two histories.
     """
 
     def __init__(self, workdir: str, *, start_step: int = 0, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._file = self._tb = None
+        self.workdir, self.start_step, self._completions = workdir, start_step, None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            path = os.path.join(workdir, "metrics.jsonl")
-            if os.path.exists(path):
-                with open(path, encoding="utf-8") as f:
-                    kept = [line for line in f if start_step > 0 and json.loads(line)["step"] <= start_step]
-                with open(path, "w", encoding="utf-8") as f:
-                    f.writelines(kept)
-            self._file = open(path, "a", encoding="utf-8")
+            self._file = _open_log(os.path.join(workdir, "metrics.jsonl"), start_step)
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Sampled completions (prompt, reference and policy responses with their rewards): a line each
+        in completions.jsonl, and one Markdown table as TensorBoard text ``eval/completions``."""
+        if not self.enabled or not rows:
+            return
+        if self._completions is None:
+            self._completions = _open_log(os.path.join(self.workdir, "completions.jsonl"), self.start_step)
+        for row in rows:
+            self._completions.write(json.dumps({"step": int(step), **row}, ensure_ascii=False) + "\n")
+        self._completions.flush()
+        header = list(rows[0])
+        table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        table += ["| " + " | ".join(_cell(r[k]) for k in header) + " |" for r in rows]
+        self._tb.add_text("eval/completions", "\n".join(table), int(step))
 
     def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> dict[str, float]:
         values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
@@ -273,6 +300,8 @@ class MetricLogger:
         if self.enabled:
             self._file.close()
             self._tb.close()
+            if self._completions is not None:
+                self._completions.close()
 
 
 def mean_metrics(batches: list[dict[str, Any]], weights: list[float]) -> dict[str, float]:

@@ -169,7 +169,7 @@ def validate_online_config(config) -> None:
     """The online loop's config (../shared/SAIL.md): routes, coefficients, sampling and the buffer.
     With no ``model.path``, the task named by ``task.name`` builds the model and data (checked here,
     before it is built)."""
-    from sail_jax.labeling import LABEL_MODES, PAIR_SELECTION
+    from sail_jax.labeling import LABEL_MODES, OPPONENTS, PAIR_SELECTION
     from sail_jax.sail_terms import BASELINES, SCORE_TERMS
     from sail_jax.rewards import REWARD_KINDS
     from sail_jax.tasks import TASK_NAMES
@@ -192,12 +192,36 @@ def validate_online_config(config) -> None:
     scale = s.get("released_code_scale", None)
     _require(scale is None or float(scale) > 0,
              f"config.sail.released_code_scale={scale!r} must be > 0 (unset: rows per device x accumulation steps)")
-    _require(int(s.num_samples) >= 2, f"config.sail.num_samples={s.num_samples} must be >= 2 (a pair per prompt)")
     _require(s.pair_selection in PAIR_SELECTION,
              f"config.sail.pair_selection={s.pair_selection!r} is unknown; valid: {list(PAIR_SELECTION)}")
     for key in ("pp_label_mode", "pr_label_mode"):
         _require(s[key] in LABEL_MODES, f"config.sail.{key}={s[key]!r} is unknown; valid: {list(LABEL_MODES)}")
     _require(s.baseline in BASELINES, f"config.sail.baseline={s.baseline!r} is unknown; valid: {list(BASELINES)}")
+    _require(s.get("online_loss_type", "") in ("", *LOSS_TYPES),
+             f"config.sail.online_loss_type={s.get('online_loss_type')!r} is unknown; valid: '' (SAIL's −log σ(β·h)) "
+             f"or {sorted(LOSS_TYPES)}")
+    opponent = s.get("opponent", "policy")
+    _require(opponent in OPPONENTS, f"config.sail.opponent={opponent!r} is unknown; valid: {list(OPPONENTS)}")
+    if opponent == "data":
+        _require(int(s.num_samples) == 1, f"config.sail.num_samples={s.num_samples}: with sail.opponent='data' "
+                                          "(SPIN) each prompt takes one sample, the rejected response; set 1")
+    else:
+        _require(int(s.num_samples) >= 2, f"config.sail.num_samples={s.num_samples} must be >= 2 (a pair per prompt)")
+    if opponent != "policy":
+        extra = {"gamma": float(s.gamma), "revkl": float(s.revkl),
+                 "lam (with p_pp > 0)": float(s.lam) * (float(s.p_pp) > 0)}
+        _require(not any(extra.values()),
+                 f"config.sail.opponent={opponent!r}: SAIL's score-function and RevKL terms assume both responses "
+                 f"are the policy's samples; set {', '.join(k for k, v in extra.items() if v)} to 0")
+    if opponent == "reference":
+        _require(int(s.num_samples) == 2 and s.pair_selection == "first_two",
+                 f"config.sail.opponent='reference' pairs the policy's sample with the reference's: set "
+                 f"sail.num_samples=2 (got {s.num_samples}) and sail.pair_selection='first_two' "
+                 f"(got {s.pair_selection!r})")
+    xpo_alpha = float(s.get("xpo_alpha", 0.0))
+    _require(xpo_alpha >= 0, f"config.sail.xpo_alpha={xpo_alpha!r} must be >= 0")
+    _require(xpo_alpha == 0 or opponent == "reference",
+             f"config.sail.xpo_alpha={xpo_alpha} needs sail.opponent='reference' (its term is on the reference's sample)")
     _require(s.score_term in SCORE_TERMS,
              f"config.sail.score_term={s.score_term!r} is unknown; valid: {list(SCORE_TERMS)}")
     _require(config.data.get("eval_kind", "preference") in ("preference", "prompt"),
@@ -217,6 +241,28 @@ def validate_online_config(config) -> None:
             from sail_jax.rewards import import_function
 
             import_function(config.reward.get(fn, ""), f"reward.{fn}")
+    sources = config.reward.get("sources", "")
+    if sources:
+        from sail_jax.rewards import import_function, parse_sources
+
+        _require(not config.reward.kind, f"config.reward.kind={config.reward.kind!r} and reward.sources are both "
+                                         "set: the weighted sources are the reward; leave reward.kind empty")
+        for i, (_, kind, arg) in enumerate(parse_sources(sources)):
+            if kind == "python":
+                import_function(arg, f"reward.sources term {i + 1}")
+            _require(kind != "model" or os.path.isdir(arg),
+                     f"config.reward.sources term {i + 1}: reward-model folder {arg!r} does not exist")
+    ref = config.reference
+    _require(not ref.get("free", False), "config.reference.free=True: the online loop needs its reference (the "
+                                         "implicit reward β·log(π/π_ref) labels and selects pairs); leave it False")
+    _require(not ref.get("path", ""), f"config.reference.path={ref.path!r}: the online loop's reference is the "
+                                      "initial policy (with LoRA, the base without adapters); leave it empty")
+    if ref.get("precompute", False):
+        _require(int(ref.get("sync_every", 0)) == 0,
+                 f"config.reference.precompute=True with reference.sync_every={ref.sync_every}: a synced reference "
+                 "changes, so its log-probs cannot be cached; set one of them off")
+        _require(jax.process_count() == 1, "config.reference.precompute=True is single-process only; in a "
+                                           "multi-process run keep the reference live (precompute=False)")
     _require(float(g.temperature) > 0, f"config.generation.temperature={g.temperature} must be > 0 for sampling")
     _require(int(g.max_new_tokens) <= int(config.data.max_response_length),
              f"config.generation.max_new_tokens={g.max_new_tokens} exceeds data.max_response_length="

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import main_job_variant, synthetic_pairs
+from flax import nnx
 
 from sail_jax.configs import VARIANTS, sail_config
 from sail_jax.labeling import dp_swaps, draw_routes, preference_labels, select_pairs
@@ -70,19 +71,21 @@ def loop(tiny_checkpoint, tmp_path_factory):
     return _online_loop(tiny_checkpoint, tmp_path_factory.mktemp("online"), (1, 1, 1))
 
 
-def _online_loop(tiny_checkpoint, tmp, mesh_shape):
-    from sail_jax.data.pipeline import encode_online, train_iterator
+def _online_loop(tiny_checkpoint, tmp, mesh_shape, variant="sail_mixed", **reference):
+    from sail_jax.data.pipeline import encode_online
     from sail_jax.data.records import Records
     from sail_jax.online import OnlineLoop
     from sail_jax.rewards import OracleReward
     from sail_jax.sharding import make_mesh
     from sail_jax.tokenization import Tokenizer
 
-    config = sail_config("sail_mixed")
+    config = sail_config(variant)
     config.model.path = tiny_checkpoint
     config.data.max_prompt_length, config.data.max_response_length = 40, 12
-    config.generation.max_new_tokens, config.sail.num_samples = 10, 3  # < max_response_length: padded
+    config.generation.max_new_tokens = 10  # < max_response_length: padded
+    config.sail.num_samples = {"policy": 3, "reference": 2, "data": 1}[config.sail.opponent]
     config.batch_size, config.eval_batch_size = 16, 16
+    config.reference.update(reference)
     tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
     rows = synthetic_pairs(64)
     enc = encode_online(Records(rows), tokenizer, max_prompt_length=40, max_response_length=12)
@@ -90,7 +93,7 @@ def _online_loop(tiny_checkpoint, tmp, mesh_shape):
     # Reward: response length in tokens' characters, so PR labels are checkable and ties happen.
     reward = OracleReward(lambda prompt, response: float(len(response.split())))
     return OnlineLoop(config, model=load_pretrained(tiny_checkpoint), tokenizer=tokenizer, mesh=mesh,
-                      prompt_iterator=train_iterator(enc.arrays, 16, seed=0), train_prompts=[r["prompt"] for r in rows],
+                      train_arrays=enc.arrays, train_prompts=[r["prompt"] for r in rows],
                       reward_source=reward, workdir=str(tmp),
                       evaluator_args={"prompts": [r["prompt"] for r in rows[:16]],
                                       "eval_arrays": {k: v[:16] for k, v in enc.arrays.items()}, "batch_size": 16})
@@ -171,6 +174,84 @@ def test_one_program_labeller_equals_the_host_labelling_it_replaced(tiny_checkpo
             np.testing.assert_array_equal(out[key], expected[key], err_msg=key)
 
 
+def test_precomputed_reference_feeds_the_labeller_the_same_pairs(tiny_checkpoint, tmp_path):
+    """reference.precompute: the dataset pairs' reference log-probs are computed once (cached in the
+    workdir, read back by a second run), ride in the batches, and the labeller uses them instead of a
+    reference pass: its train batch equals the live-reference labeller's (log-probs within 1e-5)."""
+    live = _online_loop(tiny_checkpoint, tmp_path / "live", (1, 1, 1))
+    cached = _online_loop(tiny_checkpoint, tmp_path / "cached", (1, 1, 1), precompute=True)
+    cache = tmp_path / "cached" / "reference_logps_train.npz"
+    assert cache.exists()
+    for loop in (live, cached):
+        loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 1.05, loop.state.params))
+    block, cached_block = live._generate_block(0), cached._generate_block(0)
+    assert "ref_chosen_logps" not in block.batches[0] and "ref_chosen_logps" in cached_block.batches[0]
+    np.testing.assert_array_equal(cached_block.batches[0]["index"], block.batches[0]["index"])
+    for step in range(3):
+        out, _ = _label(live, step, block.batches[0], block.samples[0])
+        got, _ = _label(cached, step, cached_block.batches[0], block.samples[0])
+        assert got.keys() == out.keys()
+        for key in out:
+            if key.startswith("ref_"):
+                np.testing.assert_allclose(got[key], out[key], atol=1e-5, err_msg=key)
+            else:
+                np.testing.assert_array_equal(got[key], out[key], err_msg=key)
+    with np.load(cache) as f:
+        written = f["chosen"].copy()
+    np.savez(cache, chosen=written + 1.0, rejected=np.zeros_like(written))  # a second run reads the file
+    again = _online_loop(tiny_checkpoint, tmp_path / "cached", (1, 1, 1), precompute=True)
+    batch = next(again.prompts)  # rows are records here (none skipped): index addresses the cache
+    np.testing.assert_array_equal(batch["ref_chosen_logps"], written[batch["index"]] + 1.0)
+
+
+def test_xpo_pairs_the_policys_sample_with_the_references(tiny_checkpoint, tmp_path):
+    """sail.opponent=reference (XPO): each prompt's second sample is the reference model's (the same draw
+    as sampling the reference alone), and ``opponent_chosen`` marks the rows whose chosen response it is."""
+    from sail_jax.labeling import GEN_KEY
+    from sail_jax.sampling import generate
+
+    loop = _online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="xpo")
+    loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 1.05, loop.state.params))  # π != π_ref
+    block = loop._generate_block(0)
+    batch, samples = block.batches[0], block.samples[0]
+    key = loop._key(GEN_KEY, 0)
+    for model, k, rows in ((loop.trainable.model(loop.state.params), key, slice(0, None, 2)),
+                           (nnx.merge(loop.ref_graphdef, loop.ref_params), jax.random.fold_in(key, 1), slice(1, None, 2))):
+        alone = generate(model, batch["prompt_ids"], batch["prompt_mask"], k, max_new_tokens=10,
+                         eos_ids=loop.tokenizer.eos_id, pad_id=loop.tokenizer.pad_id)
+        np.testing.assert_array_equal(samples["tokens"][rows, :10], np.asarray(alone.tokens))
+    assert not np.array_equal(samples["tokens"][0::2], samples["tokens"][1::2])
+    out, _ = _label(loop, 0, batch, samples)
+    ref_rows = samples["tokens"][1::2]
+    sampled = out["route"] == ROUTE_PR
+    is_ref = np.all(out["chosen_response"] == ref_rows, axis=1) & ~np.all(out["rejected_response"] == ref_rows, axis=1)
+    np.testing.assert_array_equal(out["opponent_chosen"][sampled & (out["valid"] == 1)],
+                                  is_ref[sampled & (out["valid"] == 1)])
+    assert out["opponent_chosen"].any() and not out["opponent_chosen"].all()
+
+
+def test_spin_pairs_the_datasets_chosen_response_with_the_policys_sample(tiny_checkpoint, tmp_path):
+    """sail.opponent=data (SPIN): one sample per prompt, the rejected response against the dataset's
+    chosen one, with the sample's reference log-prob; identical pairs are dropped."""
+    from sail_jax.evaluate import make_logp_fn
+
+    loop = _online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="spin")
+    block = loop._generate_block(0)
+    batch, samples = block.batches[0], block.samples[0]
+    assert samples["tokens"].shape[0] == len(batch["valid"])
+    out, metrics = _label(loop, 0, batch, samples)
+    pr = out["route"] == ROUTE_PR
+    assert pr.all()
+    np.testing.assert_array_equal(out["chosen_response"], batch["chosen_response"])
+    np.testing.assert_array_equal(out["rejected_response"], samples["tokens"])
+    ref_logp = make_logp_fn(loop.ref_graphdef, loop.mesh)
+    expected = ref_logp(loop.ref_params, batch["prompt_ids"], batch["prompt_mask"], samples["tokens"], samples["mask"])
+    np.testing.assert_allclose(out["ref_rejected_logps"], expected, atol=1e-5)
+    same = np.all((batch["chosen_response"] == samples["tokens"]) | (samples["mask"] == 0), axis=1) & (
+        batch["chosen_response_mask"].sum(1) == samples["mask"].sum(1))
+    np.testing.assert_array_equal(out["valid"], batch["valid"] * ~same)
+
+
 def test_loop_labels_pr_by_the_reward_drops_ties_and_keeps_dataset_pairs_offline(loop):
     from sail_jax.evaluate import decode_responses, make_logp_fn
 
@@ -246,6 +327,12 @@ def test_every_variant_config_validates():
         config.model.path = REPO  # any folder and file: only the config values are checked here
         config.data.train_path = os.path.join(REPO, "README.md")
         validate_online_config(config)
+    for reference, match in (({"precompute": True, "sync_every": 10}, "cannot be cached"),
+                             ({"free": True}, "needs its reference"), ({"path": REPO}, "leave it empty")):
+        bad = config.copy_and_resolve_references()
+        bad.reference.update(reference)
+        with pytest.raises(ConfigError, match=match):
+            validate_online_config(bad)
     config.sail.p_pp, config.sail.p_pr = 0.8, 0.5
     with pytest.raises(ConfigError, match="sum to <= 1"):
         validate_online_config(config)

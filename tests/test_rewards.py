@@ -1,5 +1,6 @@
 """Reward plug-ins: ``reward.kind=python`` calls the user's function on text, checks what it returns,
-names the bad row, and labels a SAIL-PR run end to end through the CLI."""
+names the bad row; ``reward.sources`` sums weighted sources; both label a SAIL-PR run end to end
+through the CLI."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from sail_jax.configs import sail_config
+from sail_jax.errors import UserError
 from sail_jax.rewards import RewardError, make_reward_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +22,9 @@ PLUGIN = textwrap.dedent('''
     def words(prompts, responses):
         """One point per word: longer answers win."""
         return [float(len(r.split())) for r in responses]
+
+    def has_the(prompts, responses):
+        return [float("the" in r.split()) for r in responses]
 
     def one_short(prompts, responses):
         return [1.0] * (len(responses) - 1)
@@ -75,14 +80,57 @@ def test_python_reward_that_cannot_load_fails_in_validation(plugin, fn, message)
         validate_online_config(config)
 
 
+def test_weighted_sources_sum_their_scores(plugin):
+    from sail_jax.tasks import get_task
+
+    prompts, responses = ["Topic: sea. Describe it:"] * 3, [" the sea is calm.", " a b", " the"]
+    source = make_reward_source(ml_collections.ConfigDict(
+        {"kind": "", "sources": "2*python:my_rewards:words + -0.5*python:my_rewards:has_the + builtin"}))
+    oracle = np.asarray([get_task("builtin").oracle_reward(p, r) for p, r in zip(prompts, responses)])
+    expected = 2 * np.array([4.0, 2.0, 1.0]) - 0.5 * np.array([1.0, 0.0, 1.0]) + oracle
+    np.testing.assert_allclose(source(prompts, responses), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sources,message", [
+    ("0.5*builtin + x*python:my_rewards:words", r"term 2 \('x\*python:my_rewards:words'\): weight 'x' is not a number"),
+    ("0.5*oracle", r"term 1 \('0.5\*oracle'\): kind 'oracle' is unknown"),
+    ("1*python", "python needs its function"),
+    ("1*model", "model needs its folder"),
+    ("0*builtin", "must be finite and nonzero"),
+    ("builtin:x", "the builtin oracle takes no argument"),
+    ("builtin + python:my_rewards:missing", "reward.sources term 2.*module 'my_rewards' has no 'missing'"),
+    ("builtin + model:/no/such/folder", "term 2: reward-model folder '/no/such/folder' does not exist"),
+])
+def test_bad_reward_sources_fail_in_validation_naming_the_term(plugin, sources, message):
+    from sail_jax.validation import validate_online_config
+
+    config = sail_config("sail_pr")
+    config.reward.sources = sources
+    with pytest.raises(UserError, match=message):
+        validate_online_config(config)
+    config.reward.update(sources="builtin", kind="builtin")
+    with pytest.raises(UserError, match="leave reward.kind empty"):
+        validate_online_config(config)
+
+
+def test_a_failing_source_is_named_by_its_term(plugin):
+    source = make_reward_source(ml_collections.ConfigDict({"kind": "", "sources": "builtin + python:my_rewards:one_short"}))
+    with pytest.raises(RewardError, match="reward.sources term 2 my_rewards:one_short returned shape"):
+        source(["p", "p"], ["a", "b"])
+
+
 @pytest.mark.slow
-def test_a_python_reward_labels_sail_pr_end_to_end(plugin, tmp_path):
-    """The built-in task with its PR route labelled by the plug-in (longer answers win) and evaluated by
-    it too: the policy's answers grow."""
+@pytest.mark.parametrize("reward", [["--config.reward.kind=python", "--config.reward.fn=my_rewards:words"],
+                                    ["--config.reward.sources=1.0*python:my_rewards:words + 0.5*builtin",
+                                     "--config.reward.eval_kind=python", "--config.reward.eval_fn=my_rewards:words"]],
+                         ids=["python", "weighted_sources"])
+def test_a_python_reward_labels_sail_pr_end_to_end(plugin, tmp_path, reward):
+    """The built-in task with its PR route labelled by the plug-in (longer answers win) or by a weighted
+    pair of sources (the plug-in plus half the task's oracle), and evaluated by the plug-in: the
+    policy's answers grow."""
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": os.pathsep.join([str(plugin), REPO])}
     out = subprocess.run([sys.executable, "-m", "sail_jax.cli", "--config=configs/sail_pr.py",
-                          f"--workdir={tmp_path / 'run'}", "--config.reward.kind=python",
-                          "--config.reward.fn=my_rewards:words", "--config.sail.p_pr=1.0", "--config.steps=30",
+                          f"--workdir={tmp_path / 'run'}", *reward, "--config.sail.p_pr=1.0", "--config.steps=30",
                           "--config.eval_every=30", "--config.task.sft_steps=100",
                           "--config.task.preference_train=256", "--config.task.preference_eval=32"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -180,6 +180,25 @@ def test_sail_loss_metrics_report_routes_and_terms():
         assert key in m
 
 
+@pytest.mark.parametrize("online_loss_type", ["ipo", "hinge"])
+def test_online_loss_type_replaces_only_the_online_rows_preference_term(online_loss_type):
+    """Online IPO (and any loss type) on the DP/PP/PR rows: their preference term is that loss, the
+    offline rows keep ``loss_type``, and ½ℓ², S and RevKL do not change."""
+    from sail_jax.sail_terms import sail_terms
+
+    c, r, rc, rr = _inputs()
+    base, _ = sail_terms(c, r, rc, rr, ROUTES, **COEF, revkl=0.1, loss_type="sigmoid")
+    got, m = sail_terms(c, r, rc, rr, ROUTES, **COEF, revkl=0.1, loss_type="sigmoid", online_loss_type=online_loss_type)
+    online = np.asarray(preference_loss(online_loss_type, c, r, rc, rr, beta=COEF["beta"]))
+    offline = np.asarray(ROUTES) == ROUTE_OFFLINE
+    np.testing.assert_allclose(got["preference"], np.where(offline, base["preference"], online), rtol=1e-6)
+    for term in ("self_label", "score", "revkl"):
+        np.testing.assert_array_equal(got[term], base[term])
+    np.testing.assert_allclose(m["sail/dpo_term"], online[~offline].mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown loss_type 'dpo'"):
+        sail_terms(c, r, rc, rr, ROUTES, **COEF, online_loss_type="dpo")
+
+
 def test_bad_baseline_and_score_term_names():
     c, r, rc, rr = _inputs()
     with pytest.raises(ValueError, match=r"valid: \['none', 'batch_mean', 'running'\]"):

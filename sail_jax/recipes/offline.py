@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -25,7 +24,8 @@ from sail_jax.driver import drive
 from sail_jax.models import load_pretrained
 from sail_jax.objectives import make_dpo_objective, reference_logps, reward_objective, sft_objective
 from sail_jax.optim import make_optimizer
-from sail_jax.progress import bar, say
+from sail_jax.progress import say
+from sail_jax.reference_cache import attach_reference_logps
 from sail_jax.sharding import make_mesh, param_shardings, shard_batch, sharding_fn
 from sail_jax.tokenization import Tokenizer
 from sail_jax.train import checkpoint_dir, make_eval_step, make_train_step, mean_metrics
@@ -67,22 +67,9 @@ def _precompute_reference(config, workdir, graphdef, ref_params, mesh, datasets)
     """Reference log-probs of every row, computed once and cached in the workdir."""
     fn = jax.jit(lambda params, batch: reference_logps(graphdef, params, batch))
     for name, enc in datasets.items():
-        cache = os.path.join(workdir, f"reference_logps_{name}.npz")
-        n = len(enc)
-        if os.path.exists(cache):
-            with np.load(cache) as f:
-                if len(f["chosen"]) == n:
-                    enc.arrays["ref_chosen_logps"], enc.arrays["ref_rejected_logps"] = f["chosen"], f["rejected"]
-                    continue
-        chosen, rejected = [], []
-        for batch in bar(eval_batches(enc.arrays, config.eval_batch_size), f"reference log-probs ({name})"):
-            c, r = fn(ref_params, shard_batch(batch, mesh))
-            chosen.append(np.asarray(c))
-            rejected.append(np.asarray(r))
-        enc.arrays["ref_chosen_logps"] = np.concatenate(chosen)[:n]
-        enc.arrays["ref_rejected_logps"] = np.concatenate(rejected)[:n]
-        if jax.process_index() == 0:
-            np.savez(cache, chosen=enc.arrays["ref_chosen_logps"], rejected=enc.arrays["ref_rejected_logps"])
+        attach_reference_logps(enc.arrays, lambda batch: fn(ref_params, batch), batch_size=config.eval_batch_size,
+                               mesh=mesh, cache_path=os.path.join(workdir, f"reference_logps_{name}.npz"),
+                               desc=f"reference log-probs ({name})")
 
 
 @dataclasses.dataclass

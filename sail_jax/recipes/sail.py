@@ -14,7 +14,7 @@ import os
 import jax
 
 from sail_jax.configs import model_options
-from sail_jax.data.pipeline import encode_online, load_records, train_iterator
+from sail_jax.data.pipeline import encode_online, load_records
 from sail_jax.models import load_pretrained
 from sail_jax.online import OnlineLoop
 from sail_jax.progress import say
@@ -31,7 +31,7 @@ from sail_jax.workdir import write_summary
 def run(config, workdir: str) -> dict:
     validate_online_config(config)  # before the task is built: bad values fail before any work
     os.makedirs(workdir, exist_ok=True)
-    if not config.reward.kind:
+    if not config.reward.kind and not config.reward.get("sources", ""):
         config.reward.kind = config.task.get("name", "builtin")  # the task's own oracle
     builtin = not config.model.path
     if builtin:
@@ -53,8 +53,7 @@ def run(config, workdir: str) -> dict:
     eval_reward_source = make_eval_reward_source(config.reward)
     loop = OnlineLoop(
         config, model=model, tokenizer=tokenizer, mesh=mesh, workdir=workdir,
-        # The whole global batch on every process: labelling is replicated, each process trains on its rows.
-        prompt_iterator=train_iterator(encoded["train"].arrays, config.batch_size, seed=config.seed),
+        train_arrays=encoded["train"].arrays,
         train_prompts=[r["prompt"] for r in records["train"].rows], reward_source=reward_source,
         eval_reward_source=eval_reward_source,
         evaluator_args={"prompts": eval_prompts, "eval_arrays": encoded["eval"].arrays,
