@@ -108,10 +108,10 @@ class OnlineLoop:
 
     def _precompute_reference(self, arrays):
         """``reference.precompute``: the dataset pairs' reference log-probs, once, into the batches."""
-        ref = nnx.merge(self.ref_graphdef, self.ref_params)
-        fn = jax.jit(lambda b: tuple(response_logps(ref, b["prompt_ids"], b["prompt_mask"], b[f"{s}_response"],
-                                                    b[f"{s}_response_mask"])[0] for s in ("chosen", "rejected")))
-        attach_reference_logps(arrays, fn, batch_size=int(self.config.eval_batch_size), mesh=self.mesh,
+        fn = jax.jit(lambda params, b: tuple(
+            response_logps(nnx.merge(self.ref_graphdef, params), b["prompt_ids"], b["prompt_mask"], b[f"{s}_response"],
+                           b[f"{s}_response_mask"])[0] for s in ("chosen", "rejected")))
+        attach_reference_logps(arrays, lambda b: fn(self.ref_params, b), batch_size=int(self.config.eval_batch_size), mesh=self.mesh,
                                cache_path=os.path.join(self.workdir, "reference_logps_train.npz"),
                                desc="reference log-probs (train pairs)")
 

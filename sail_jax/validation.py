@@ -205,6 +205,8 @@ def validate_online_config(config) -> None:
     if opponent == "data":
         _require(int(s.num_samples) == 1, f"config.sail.num_samples={s.num_samples}: with sail.opponent='data' "
                                           "(SPIN) each prompt takes one sample, the rejected response; set 1")
+        _require(float(s.p_pp) == 0, f"config.sail.p_pp={s.p_pp}: with sail.opponent='data' (SPIN) the dataset's "
+                                     "response always wins, nothing is self-labelled; route SPIN rows with p_pr")
     else:
         _require(int(s.num_samples) >= 2, f"config.sail.num_samples={s.num_samples} must be >= 2 (a pair per prompt)")
     if opponent != "policy":

@@ -30,7 +30,9 @@ LOCK_FILE = ".lock"
 # Keys that do not change what a run computes: how long it runs, how often it logs, evaluates and
 # saves, and what it prints. A prefix ending in "." covers a whole section.
 FREE_KEYS = ("steps", "log_every", "eval_every", "eval_batch_size", "checkpoint.", "export", "plan_targets",
-             "model.hub_id", "sail.log_term_grads")
+             "model.hub_id", "sail.log_term_grads", "log_completions")
+# Keys added since runs were first saved whose default is not empty but still means "off".
+OFF_DEFAULTS = {"sail.opponent": "policy"}
 
 
 class WorkdirLocked(UserError):
@@ -63,12 +65,13 @@ def _free(key: str) -> bool:
 
 def changed_keys(saved: dict, current: dict) -> list[str]:
     """``key: old -> new`` for every key that changes the run's math (missing keys show as <unset>). A key
-    the saved run did not have yet is no change while it is empty ('', None): options added since are
-    off that way (``lora.quantize``, ``reward.fn``), so a run started before them still resumes."""
+    the saved run did not have yet is no change while it is off ('', None, 0, False, or its
+    ``OFF_DEFAULTS`` value): options added since are off that way (``lora.quantize``, ``reward.fn``,
+    ``sail.xpo_alpha``, ``sail.opponent``), so a run started before them still resumes."""
     out = []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key, "<unset>"), current.get(key, "<unset>")
-        if key not in saved and new in ("", None):
+        if key not in saved and (new in ("", None, 0) or OFF_DEFAULTS.get(key) == new):
             continue
         if old != new and not _free(key):
             out.append(f"{key}: {old!r} -> {new!r}")

@@ -333,6 +333,18 @@ def test_every_variant_config_validates():
         bad.reference.update(reference)
         with pytest.raises(ConfigError, match=match):
             validate_online_config(bad)
+    for name, sail, match in (("xpo", {"num_samples": 3}, "set sail.num_samples=2"),
+                              ("xpo", {"gamma": 0.3}, "set gamma to 0"),
+                              ("online_dpo", {"xpo_alpha": 0.1}, "needs sail.opponent='reference'"),
+                              ("spin", {"num_samples": 2}, "each prompt takes one sample"),
+                              ("spin", {"p_pp": 0.2, "p_pr": 0.8}, "nothing is self-labelled"),
+                              ("online_dpo", {"opponent": "judge"}, "valid: \\['policy', 'reference', 'data'\\]"),
+                              ("online_dpo", {"online_loss_type": "dpo"}, "online_loss_type='dpo' is unknown")):
+        bad = sail_config(name)
+        bad.model.path, bad.data.train_path = config.model.path, config.data.train_path
+        bad.sail.update(sail)
+        with pytest.raises(ConfigError, match=match):
+            validate_online_config(bad)
     config.sail.p_pp, config.sail.p_pr = 0.8, 0.5
     with pytest.raises(ConfigError, match="sum to <= 1"):
         validate_online_config(config)

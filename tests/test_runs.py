@@ -281,6 +281,10 @@ def test_a_run_saved_before_an_option_existed_resumes_while_the_option_is_off():
     from sail_jax.workdir import changed_keys
 
     saved = {"optim.learning_rate": 0.001, "lora.rank": 0}
-    assert changed_keys(saved, {**saved, "lora.quantize": "", "reward.fn": ""}) == []
+    off = {"lora.quantize": "", "reward.fn": "", "sail.xpo_alpha": 0.0, "sail.opponent": "policy",
+           "reference.precompute": False, "log_completions": 8}
+    assert changed_keys(saved, {**saved, **off}) == []
     assert changed_keys(saved, {**saved, "lora.quantize": "nf4"}) == ["lora.quantize: '<unset>' -> 'nf4'"]
+    assert changed_keys(saved, {**saved, "sail.opponent": "data", "sail.xpo_alpha": 1e-5}) == [
+        "sail.opponent: '<unset>' -> 'data'", "sail.xpo_alpha: '<unset>' -> 1e-05"]
     assert changed_keys({**saved, "reward.fn": "m:f"}, {**saved, "reward.fn": ""}) == ["reward.fn: 'm:f' -> ''"]
