@@ -3,6 +3,7 @@
     python experiments/sail_study.py --out=runs/study            # 5 paired seeds, p in {0.3, 1.0}, beta sweep
     python experiments/sail_study.py --out=runs/study --quick    # 3 seeds x 60 updates, p = 0.3 only
     python experiments/sail_study.py --out=runs/study --docs     # also copy the results into docs/
+    python experiments/sail_study.py --out=runs/family --family --docs   # the online family at p = 1
 
 Arms differ from their contrast partner in exactly one setting, at the same online fraction p (the
 share of each batch routed to the online route; the rest trains offline DPO on the dataset pairs),
@@ -15,6 +16,16 @@ the same number of updates and the same seeds (seed s of every arm draws the sam
                       32 rows per device, and at the authors' own 4 rows x 2 accumulation steps)
   proxy reward        online DPO vs SAIL-PR, both labelled by a reward model trained on the offline pairs
                       (configs/reward.py) and evaluated by the gold oracle (Gao et al.'s over-optimisation)
+
+``--family`` runs the online methods around SAIL at p = 1 against online DPO instead, one factor
+where the method allows:
+
+  online IPO          online DPO                            vs IPO's squared loss on the same pairs
+  XPO's sampling      online DPO (two policy samples)       vs the policy's sample against the reference's (α = 0)
+  XPO's term          the above                             vs XPO (α·logπ(y_ref), TRL's α)
+  SPIN                online DPO                            vs SPIN (the dataset's chosen response against a
+                      (a method comparison: no reward,      policy sample, its reference synced every 10 updates)
+                      another opponent, another reference)
 
 Each contrast reports, per metric, the paired difference (treatment − baseline) with its 95% CI and
 the paired t-test, and a verdict (helps / hurts / no detectable difference). A β sweep gives each
@@ -31,7 +42,7 @@ import shutil
 
 import numpy as np
 
-from sail_jax.configs import MAIN_JOB_REVKL, sail_config
+from sail_jax.configs import MAIN_JOB_REVKL, XPO_ALPHA, sail_config
 from sail_jax.evaluate import health_problems
 from sail_jax.sweep import final_value, mean_ci, paired_contrast, sweep
 
@@ -47,7 +58,17 @@ ARMS = {
     "self_labelled_dpo": ("p_pp", {"lam": 0.0}),
     "sail_pp": ("p_pp", {"lam": 0.2}),
     "sail_pp_revkl": ("p_pp", {"lam": 0.2, "revkl": MAIN_JOB_REVKL}),
+    "online_ipo": ("p_pr", {"gamma": 0.0, "online_loss_type": "ipo"}),
+    "online_dpo_vs_reference": ("p_pr", {"gamma": 0.0, "opponent": "reference"}),
+    "xpo": ("p_pr", {"gamma": 0.0, "opponent": "reference", "xpo_alpha": XPO_ALPHA}),
+    "spin": ("p_pr", {"gamma": 0.0, "opponent": "data", "num_samples": 1, "interval": 10, "sync_every": 10}),
 }
+FAMILY_CONTRASTS = (
+    ("online IPO (loss: sigmoid → IPO)", "online_dpo", "online_ipo"),
+    ("XPO's sampling (opponent: policy → reference, α = 0)", "online_dpo", "online_dpo_vs_reference"),
+    (f"XPO's term (α 0 → {XPO_ALPHA:g})", "online_dpo_vs_reference", "xpo"),
+    ("SPIN vs online DPO (method comparison)", "online_dpo", "spin"),
+)
 PROXY_ARMS = ("online_dpo", "sail_pr")  # also run as "<arm>_rm": labels from the proxy reward model
 CONTRASTS = (
     ("SAIL-PR's score term (γ 0 → 0.3)", "online_dpo", "sail_pr"),
@@ -80,6 +101,9 @@ def make_config(name: str, *, steps: int, out: str, task: str):
             c.loss.beta = float(part[4:])
         elif part.startswith("p"):
             c.sail[route] = float(part[1:])
+    sail = dict(sail)
+    c.generation.interval = sail.pop("interval", 1)
+    c.reference.sync_every = sail.pop("sync_every", 0)
     for key, value in sail.items():
         c.sail[key] = value
     c.variant = name
@@ -111,9 +135,9 @@ def train_proxy_reward_model(out: str, seed: int = 0) -> str:
     return path
 
 
-def contrast_table(results: dict, p: float) -> list[dict]:
+def contrast_table(results: dict, p: float, contrasts=CONTRASTS) -> list[dict]:
     rows = []
-    for title, base, treat in CONTRASTS:
+    for title, base, treat in contrasts:
         if arm_name(base, p) not in results:
             continue
         a, b = results[arm_name(base, p)], results[arm_name(treat, p)]
@@ -185,9 +209,12 @@ def main():
                         help="skip the proxy-reward-model arms (a reward model's scoring makes them 3x slower)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (processes)")
     parser.add_argument("--docs", action="store_true", help="copy the tables and figure into docs/")
+    parser.add_argument("--family", action="store_true", help="the online family (online IPO, XPO, SPIN) at p = 1")
     args = parser.parse_args()
     seeds = args.seeds or (3 if args.quick else 5)
     steps = args.steps or (60 if args.quick else 150)
+    if args.family:
+        return family(args, seeds, steps)
     ps = (0.3,) if args.quick else (0.3, 1.0)
     default_betas = "" if args.quick else "0.05,0.1,0.3"
     betas = tuple(float(b) for b in (default_betas if args.betas is None else args.betas).split(",") if b)
@@ -220,6 +247,27 @@ def main():
     if args.docs:
         for name, doc in files.items():
             shutil.copy(os.path.join(args.out, name), os.path.join(REPO, "docs", f"{args.task}_{doc}"))
+    print(table)
+
+
+def family(args, seeds: int, steps: int):
+    """The online family at p = 1 against online DPO (FAMILY_CONTRASTS); OUT/family.{md,json}."""
+    names = [arm_name(a, 1.0) for a in dict.fromkeys(a for _, *pair in FAMILY_CONTRASTS for a in pair)]
+    config = functools.partial(make_config, steps=steps, out=args.out, task=args.task)
+    results = sweep(config, names, seeds, args.out, jobs=args.jobs)
+    contrasts = contrast_table(results, 1.0, FAMILY_CONTRASTS)
+    arms = arm_rows(results, with_health=args.task == "builtin")
+    sft = np.mean([r["reference"]["reward"] for runs in results.values() for r in runs])
+    header = (f"Task `{args.task}`: the online family at p = 1 (every prompt online), {seeds} paired seeds x "
+              f"{steps} updates (batch 32, RMSprop lr 3e-4, β 0.1) per arm; SFT reward {sft:.3f}. Mean ± 95% CI "
+              "(Student t); healthy runs: within the main job's bounds (built-in task).")
+    table = markdown(arms, contrasts, header)
+    for name, text in (("family.md", table + "\n"), ("family.json", json.dumps(
+            {"seeds": seeds, "steps": steps, "arms": arms, "contrasts": contrasts}, indent=2))):
+        with open(os.path.join(args.out, name), "w") as f:
+            f.write(text)
+        if args.docs:
+            shutil.copy(os.path.join(args.out, name), os.path.join(REPO, "docs", f"{args.task}_{name}"))
     print(table)
 
 
