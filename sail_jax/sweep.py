@@ -16,6 +16,7 @@ import os
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 from scipy import stats
 
@@ -49,12 +50,26 @@ def run_one(make_config: Callable, variant: str, seed: int, out: str, **override
     return summary
 
 
+def use_compile_cache(out: str) -> str:
+    """JAX's persistent compilation cache in ``OUT/jax_cache`` (or ``$JAX_COMPILATION_CACHE_DIR``), for
+    this process and the worker processes it starts: every run of a sweep compiles the same programs,
+    so only the first pays for them (a built-in task run: 23 s -> 18 s on the 2-core CPU, results
+    bit-identical). Returns the folder."""
+    path = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(out), "jax_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    return path
+
+
 def sweep(make_config: Callable, variants, seeds: int, out: str, *, jobs: int = 1,
           **overrides) -> dict[str, list[dict]]:
     """Every variant at seeds 0..seeds-1. ``jobs`` > 1 runs that many at once in fresh processes
     (``make_config`` must then be picklable: a module-level function or a partial of one); the shared
-    task files are built first, by one run."""
+    task files are built first, by one run. Compiled programs are shared through ``use_compile_cache``."""
     os.makedirs(out, exist_ok=True)
+    use_compile_cache(out)
     runs = [(v, s) for v in variants for s in range(seeds)]
     if jobs <= 1 or len(runs) <= 1:
         done = {r: run_one(make_config, *r, out, **overrides) for r in runs}

@@ -288,3 +288,18 @@ def test_a_run_saved_before_an_option_existed_resumes_while_the_option_is_off():
     assert changed_keys(saved, {**saved, "sail.opponent": "data", "sail.xpo_alpha": 1e-5}) == [
         "sail.opponent: '<unset>' -> 'data'", "sail.xpo_alpha: '<unset>' -> 1e-05"]
     assert changed_keys({**saved, "reward.fn": "m:f"}, {**saved, "reward.fn": ""}) == ["reward.fn: 'm:f' -> ''"]
+
+
+def test_sweeps_share_compiled_programs_through_the_persistent_cache(tmp_path):
+    """``use_compile_cache`` (called by every sweep) puts JAX's persistent compilation cache in
+    OUT/jax_cache for the process and its workers: a second process finds the program there."""
+    code = ("import sys, jax, jax.numpy as jnp; from sail_jax.sweep import use_compile_cache; "
+            "print(use_compile_cache(sys.argv[1])); "
+            "f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T); f(jnp.ones((64, 64))).block_until_ready()")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cache = tmp_path / "jax_cache"
+    assert out.stdout.strip() == str(cache) and any(cache.iterdir())
