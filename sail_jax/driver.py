@@ -124,7 +124,7 @@ def drive(trainer: Trainer, config, workdir: str, *, desc: str,
                         f"{start} or use a new workdir")
     if start:
         print(f"{desc}: resuming from step {start} of {steps} ({ckpt.directory})", file=sys.stderr, flush=True)
-    logger = MetricLogger(workdir, start_step=start)
+    logger = MetricLogger(workdir, start_step=start, config=config)
     for split, values in (step0 or {}).items():
         if start == 0 and values:
             logger.write(0, values, split=split)

@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from typing import Any, Callable
 
 import flax.struct
@@ -246,6 +247,27 @@ def _open_log(path: str, start_step: int):
     return open(path, "a", encoding="utf-8")
 
 
+def _wandb_run(workdir: str, config):
+    """The workdir's Weights & Biases run: one id per workdir (kept in ``wandb_run_id``), so a resumed
+    run continues the same W&B run; its files go under ``WORKDIR/wandb``."""
+    import wandb
+
+    from sail_jax.workdir import flatten
+
+    id_path = os.path.join(workdir, "wandb_run_id")
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]
+        with open(id_path, "w") as f:
+            f.write(run_id)
+    log = config.logging
+    return wandb.init(project=log.get("wandb_project") or "sail-jax", entity=log.get("wandb_entity") or None,
+                      name=log.get("wandb_name") or os.path.basename(os.path.abspath(workdir)), id=run_id,
+                      resume="allow", dir=workdir, config=flatten(config))
+
+
 def _cell(value) -> str:
     """A Markdown table cell: floats to 3 decimals, text on one line with its pipes escaped."""
     text = f"{value:.3f}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
@@ -261,9 +283,9 @@ class MetricLogger:
     the files never hold two histories.
     """
 
-    def __init__(self, workdir: str, *, start_step: int = 0, enabled: bool | None = None):
+    def __init__(self, workdir: str, *, start_step: int = 0, enabled: bool | None = None, config=None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._file = self._tb = None
+        self._file = self._tb = self._wandb = None
         self.workdir, self.start_step, self._completions = workdir, start_step, None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
@@ -271,6 +293,8 @@ class MetricLogger:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if config is not None and config.get("logging", {}).get("wandb", False):
+                self._wandb = _wandb_run(workdir, config)
 
     def write_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
         """Sampled completions (prompt, reference and policy responses with their rewards): a line each
@@ -286,6 +310,11 @@ class MetricLogger:
         table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         table += ["| " + " | ".join(_cell(r[k]) for k in header) + " |" for r in rows]
         self._tb.add_text("eval/completions", "\n".join(table), int(step))
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({"eval/completions": wandb.Table(columns=header, data=[[r[k] for k in header] for r in rows])},
+                            step=int(step))
 
     def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> dict[str, float]:
         values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
@@ -294,6 +323,8 @@ class MetricLogger:
             self._file.flush()
             for k, v in values.items():
                 self._tb.add_scalar(f"{split}/{k}", v, int(step))
+            if self._wandb is not None:
+                self._wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=int(step))
         return values
 
     def close(self):
@@ -302,6 +333,8 @@ class MetricLogger:
             self._tb.close()
             if self._completions is not None:
                 self._completions.close()
+            if self._wandb is not None:
+                self._wandb.finish()
 
 
 def mean_metrics(batches: list[dict[str, Any]], weights: list[float]) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -74,6 +75,9 @@ def _validate_run(config, *, task_builds_model: bool = False) -> None:
     validate_optim(config.optim)
     validate_mesh_and_batches(config, "batch_size", "eval_batch_size")
     validate_lora(config)
+    _require(not config.get("logging", {}).get("wandb", False) or importlib.util.find_spec("wandb") is not None,
+             "config.logging.wandb=True needs the wandb package: pip install 'sail-jax[wandb]' (or set "
+             "logging.wandb=False)")
 
 
 def validate_lora(config) -> None:

@@ -30,7 +30,7 @@ LOCK_FILE = ".lock"
 # Keys that do not change what a run computes: how long it runs, how often it logs, evaluates and
 # saves, and what it prints. A prefix ending in "." covers a whole section.
 FREE_KEYS = ("steps", "log_every", "eval_every", "eval_batch_size", "checkpoint.", "export", "plan_targets",
-             "model.hub_id", "sail.log_term_grads", "log_completions")
+             "model.hub_id", "sail.log_term_grads", "log_completions", "logging.")
 # Keys added since runs were first saved whose default is not empty but still means "off".
 OFF_DEFAULTS = {"sail.opponent": "policy"}
 

@@ -303,3 +303,26 @@ def test_sweeps_share_compiled_programs_through_the_persistent_cache(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     cache = tmp_path / "jax_cache"
     assert out.stdout.strip() == str(cache) and any(cache.iterdir())
+
+
+def test_wandb_logging_writes_a_run_that_a_resumed_run_continues(data, tmp_path):
+    """logging.wandb (offline mode: no network) logs the run's metrics to a W&B run kept in the workdir;
+    rerunning the same workdir continues that W&B run (same id), and the flag never changes the run's
+    identity (it is free to flip on resume)."""
+    workdir = tmp_path / "run"
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    short = ("--config.steps=20", "--config.checkpoint.every=10", "--config.log_every=5", "--config.eval_every=20")
+    base = dpo_command(workdir, data["model"], data["train"], data["eval"], *short)
+    first = subprocess.run([*base, "--config.steps=10"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    out = subprocess.run([*base, "--config.logging.wandb=True", "--config.logging.wandb_project=tests"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_id = (workdir / "wandb_run_id").read_text().strip()
+    runs = sorted((workdir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), list((workdir / "wandb").iterdir())
+    again = subprocess.run([*base, "--config.steps=30", "--config.logging.wandb=True"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (workdir / "wandb_run_id").read_text().strip() == run_id
+    assert len(sorted((workdir / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
