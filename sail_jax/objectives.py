@@ -202,7 +202,8 @@ def make_term_gradient_norms(graphdef, objective):
             g_logps, g_score = jax.grad(term_mean, argnums=(0, 1))(logps, score, name)
             out[f"grad_norm/{name}"] = optax.tree.norm(pullback((g_logps, g_score))[0])
         total = sum(out.values())
-        out.update({f"grad_share/{name}": out[f"grad_norm/{name}"] / jnp.maximum(total, 1e-12) for name in objective.term_names})
+        out.update({f"grad_share/{name}": out[f"grad_norm/{name}"] / jnp.maximum(total, 1e-12)
+                    for name in objective.term_names})
         return out
 
     return norms
