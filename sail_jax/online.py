@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from sail_jax.data.pipeline import train_iterator
 from sail_jax.distributed import global_array, to_host
 from sail_jax.driver import drive
-from sail_jax.evaluate import Evaluator, decode_responses, distinct_n
+from sail_jax.evaluate import Evaluator, decode_responses, distinct_n, make_logp_fn
 from sail_jax.labeling import GEN_KEY, ROUTE_KEY, draw_routes, make_labeller, step_key
 from sail_jax.objectives import make_sail_objective, make_term_gradient_norms, response_logps
 from sail_jax.sail_terms import (ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood,
@@ -108,10 +108,13 @@ class OnlineLoop:
 
     def _precompute_reference(self, arrays):
         """``reference.precompute``: the dataset pairs' reference log-probs, once, into the batches."""
-        fn = jax.jit(lambda params, b: tuple(
-            response_logps(nnx.merge(self.ref_graphdef, params), b["prompt_ids"], b["prompt_mask"], b[f"{s}_response"],
-                           b[f"{s}_response_mask"])[0] for s in ("chosen", "rejected")))
-        attach_reference_logps(arrays, lambda b: fn(self.ref_params, b), batch_size=int(self.config.eval_batch_size), mesh=self.mesh,
+        logp = make_logp_fn(self.ref_graphdef)  # the rows arrive placed on the mesh
+
+        def pair(b):
+            return tuple(logp(self.ref_params, b["prompt_ids"], b["prompt_mask"], b[f"{s}_response"],
+                              b[f"{s}_response_mask"]) for s in ("chosen", "rejected"))
+
+        attach_reference_logps(arrays, pair, batch_size=int(self.config.eval_batch_size), mesh=self.mesh,
                                cache_path=os.path.join(self.workdir, "reference_logps_train.npz"),
                                desc="reference log-probs (train pairs)")
 
@@ -151,8 +154,9 @@ class OnlineLoop:
         """``num_samples`` responses per prompt from the policy (prompt-major, on the host; one for
         SPIN); with ``sail.opponent=reference`` (XPO) the second of each prompt's two is the reference's."""
         def draw(m, key, k):
-            out = generate(m, batch["prompt_ids"], batch["prompt_mask"], key, max_new_tokens=int(self.gen.max_new_tokens),
-                           temperature=float(self.gen.temperature), top_k=int(self.gen.top_k),
+            out = generate(m, batch["prompt_ids"], batch["prompt_mask"], key,
+                           max_new_tokens=int(self.gen.max_new_tokens), temperature=float(self.gen.temperature),
+                           top_k=int(self.gen.top_k),
                            top_p=float(self.gen.top_p), eos_ids=self.tokenizer.eos_id, num_samples=k,
                            pad_id=self.tokenizer.pad_id, batch_sharding=batch_sharding(self.mesh))
             return [np.asarray(to_host(x)) for x in (out.tokens, out.mask, out.finished)]

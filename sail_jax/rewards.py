@@ -166,12 +166,18 @@ def _source(kind: str, arg: str, key: str):
     raise ValueError(f"config.reward.kind={kind!r} is unknown; valid: {list(REWARD_KINDS)}")
 
 
+def _configured(cfg, kind: str, prefix: str = ""):
+    """The source ``kind`` with its argument from ``config.reward``: ``{prefix}path`` for a model,
+    ``{prefix}fn`` for a function (prefix ``eval_`` for the evaluation's source)."""
+    arg_key = {"model": f"{prefix}path", "python": f"{prefix}fn"}.get(kind, f"{prefix}kind")
+    return _source(kind, cfg.get(arg_key, "") if kind in ("model", "python") else "", f"reward.{arg_key}")
+
+
 def make_reward_source(cfg):
     """From ``config.reward``: ``sources``, or ``kind`` with ``path`` (model) or ``fn`` (python)."""
     if cfg.get("sources", ""):
         return WeightedReward(cfg.sources)
-    arg_key = {"model": "path", "python": "fn"}.get(cfg.kind, "")
-    return _source(cfg.kind, cfg.get(arg_key, "") if arg_key else "", f"reward.{arg_key or 'kind'}")
+    return _configured(cfg, cfg.kind)
 
 
 def make_eval_reward_source(cfg):
@@ -181,5 +187,4 @@ def make_eval_reward_source(cfg):
     kind = cfg.get("eval_kind", "")
     if not kind:
         return None
-    arg_key = {"model": "eval_path", "python": "eval_fn"}.get(kind, "")
-    return _source(kind, cfg.get(arg_key, "") if arg_key else "", f"reward.{arg_key or 'eval_kind'}")
+    return _configured(cfg, kind, "eval_")

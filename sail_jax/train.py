@@ -313,8 +313,8 @@ class MetricLogger:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({"eval/completions": wandb.Table(columns=header, data=[[r[k] for k in header] for r in rows])},
-                            step=int(step))
+            table = wandb.Table(columns=header, data=[[r[k] for k in header] for r in rows])
+            self._wandb.log({"eval/completions": table}, step=int(step))
 
     def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> dict[str, float]:
         values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}

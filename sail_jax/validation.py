@@ -155,9 +155,19 @@ def validate_training_config(config) -> None:
         _validate_preference_loss(config.loss)
         _require(not (config.reference.free and config.reference.precompute),
                  "config.reference: free (reference-free) and precompute cannot both be set")
-        _require(not (config.reference.precompute and jax.process_count() > 1),
-                 "config.reference.precompute=True is single-process only; in a multi-process run keep the "
-                 "reference live (precompute=False)")
+        _validate_precompute(config.reference)
+
+
+def _validate_precompute(ref) -> None:
+    """``reference.precompute`` caches log-probs of a reference that must not change, on one process."""
+    if not ref.get("precompute", False):
+        return
+    sync_every = int(ref.get("sync_every", 0))  # offline recipes have no sync
+    _require(sync_every == 0,
+             f"config.reference.precompute=True with reference.sync_every={sync_every}: a synced reference "
+             "changes, so its log-probs cannot be cached; set one of them off")
+    _require(jax.process_count() == 1, "config.reference.precompute=True is single-process only; in a "
+                                       "multi-process run keep the reference live (precompute=False)")
 
 
 def validate_score_pairs_config(config) -> None:
@@ -263,12 +273,7 @@ def validate_online_config(config) -> None:
                                          "implicit reward β·log(π/π_ref) labels and selects pairs); leave it False")
     _require(not ref.get("path", ""), f"config.reference.path={ref.path!r}: the online loop's reference is the "
                                       "initial policy (with LoRA, the base without adapters); leave it empty")
-    if ref.get("precompute", False):
-        _require(int(ref.get("sync_every", 0)) == 0,
-                 f"config.reference.precompute=True with reference.sync_every={ref.sync_every}: a synced reference "
-                 "changes, so its log-probs cannot be cached; set one of them off")
-        _require(jax.process_count() == 1, "config.reference.precompute=True is single-process only; in a "
-                                           "multi-process run keep the reference live (precompute=False)")
+    _validate_precompute(ref)
     _require(float(g.temperature) > 0, f"config.generation.temperature={g.temperature} must be > 0 for sampling")
     _require(int(g.max_new_tokens) <= int(config.data.max_response_length),
              f"config.generation.max_new_tokens={g.max_new_tokens} exceeds data.max_response_length="
