@@ -76,7 +76,8 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
     c.log_every = 10
     c.eval_every = 50
     # dir: default WORKDIR/checkpoints; a gs:// path survives the machine (TPU preemption, watch.sh).
-    c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 3, "async_save": True, "dir": ""})
+    # final: also save when the run ends (a later run with more steps continues it; sweeps turn it off).
+    c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 3, "async_save": True, "dir": "", "final": True})
     # wandb: also log to Weights & Biases (the `wandb` extra; WANDB_MODE=offline works without network).
     c.logging = ml_collections.ConfigDict({"wandb": False, "wandb_project": "sail-jax", "wandb_entity": "",
                                            "wandb_name": ""})

@@ -148,7 +148,8 @@ def drive(trainer: Trainer, config, workdir: str, *, desc: str,
                     logger.write_completions(done, trainer.completions())
             pending = signals.requested(done) or pending
             stop = pending if getattr(trainer, "can_checkpoint", lambda _: True)(done) else None  # else: later
-            ckpt.maybe_save(done, trainer.state, trainer.checkpoint_extra(), force=done == steps or stop is not None)
+            final = done == steps and config.checkpoint.get("final", True)
+            ckpt.maybe_save(done, trainer.state, trainer.checkpoint_extra(), force=final or stop is not None)
             bar.update(1)
             if stop is not None and done < steps:
                 bar.close()

@@ -63,23 +63,54 @@ def use_compile_cache(out: str) -> str:
     return path
 
 
-def sweep(make_config: Callable, variants, seeds: int, out: str, *, jobs: int = 1,
+def prepare_shared_task(make_config: Callable, variant: str, out: str) -> None:
+    """Build ``OUT/task`` (the task's policy, offline pairs and held-out set) once, before any run."""
+    from sail_jax.tasks.prepare import prepare_task
+
+    config = make_config(variant)
+    config.task.dir = os.path.join(out, "task")
+    if not config.model.path:  # a run on an existing model folder needs no task files
+        prepare_task(config, out)
+
+
+def sweep(make_config: Callable, variants, seeds: int, out: str, *, jobs: int = 1, phases=None,
           **overrides) -> dict[str, list[dict]]:
-    """Every variant at seeds 0..seeds-1. ``jobs`` > 1 runs that many at once in fresh processes
-    (``make_config`` must then be picklable: a module-level function or a partial of one); the shared
-    task files are built first, by one run. Compiled programs are shared through ``use_compile_cache``."""
+    """Every variant at seeds 0..seeds-1, seed by seed (an interrupted sweep leaves whole seeds of
+    every variant: see ``finished_runs``); ``phases`` (lists of the variants) runs each phase's seeds
+    before the next phase's, e.g. the contrasts that matter most first. ``jobs`` > 1 runs that many
+    at once in fresh processes (``make_config`` must then be picklable: a module-level function or a
+    partial of one), after one of them has built the shared task files. Compiled programs are shared
+    through ``use_compile_cache``."""
     os.makedirs(out, exist_ok=True)
     use_compile_cache(out)
-    runs = [(v, s) for v in variants for s in range(seeds)]
+    phases = phases or [list(variants)]
+    if sorted(v for phase in phases for v in phase) != sorted(variants):
+        raise ValueError(f"phases {phases} must hold each of the variants {list(variants)} once")
+    runs = [(v, s) for phase in phases for s in range(seeds) for v in phase]
     if jobs <= 1 or len(runs) <= 1:
         done = {r: run_one(make_config, *r, out, **overrides) for r in runs}
     else:
-        done = {runs[0]: run_one(make_config, *runs[0], out, **overrides)}  # builds OUT/task once
         context = multiprocessing.get_context("spawn")  # jax does not survive fork
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            futures = {r: pool.submit(run_one, make_config, *r, out, **overrides) for r in runs[1:]}
-            done.update({r: f.result() for r, f in futures.items()})
+            pool.submit(prepare_shared_task, make_config, variants[0], out).result()
+            futures = {r: pool.submit(run_one, make_config, *r, out, **overrides) for r in runs}
+            done = {r: f.result() for r, f in futures.items()}
     return {v: [done[(v, s)] for s in range(seeds)] for v in variants}
+
+
+def finished_runs(variants, seeds: int, out: str) -> dict[str, list[dict]]:
+    """What a sweep into ``out`` has finished so far, without running anything: each variant's summaries
+    of seeds 0..seeds-1 that exist, in seed order (``summary["seed"]`` says which)."""
+    results = {}
+    for v in variants:
+        runs = []
+        for seed in range(seeds):
+            path = os.path.join(out, v, f"seed{seed}", "summary.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    runs.append({**json.load(f), "seed": seed})
+        results[v] = runs
+    return results
 
 
 def final_value(run: dict, key: str) -> float:

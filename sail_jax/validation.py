@@ -70,7 +70,8 @@ def _validate_run(config, *, task_builds_model: bool = False) -> None:
     validate_model_options(config.model)
     for key in ("steps", "log_every", "eval_every"):
         _require(int(config[key]) >= 1, f"config.{key}={config[key]!r} must be >= 1")
-    _require(int(config.checkpoint.every) >= 0, "config.checkpoint.every must be >= 0 (0: only at the end)")
+    _require(int(config.checkpoint.every) >= 0, "config.checkpoint.every must be >= 0 (0: only at the end, "
+                                                        "or never with checkpoint.final=False)")
     _require(int(config.checkpoint.keep) >= 1, "config.checkpoint.keep must be >= 1")
     validate_optim(config.optim)
     validate_mesh_and_batches(config, "batch_size", "eval_batch_size")

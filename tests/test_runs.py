@@ -305,6 +305,36 @@ def test_sweeps_share_compiled_programs_through_the_persistent_cache(tmp_path):
     assert out.stdout.strip() == str(cache) and any(cache.iterdir())
 
 
+def test_a_stopped_sweep_leaves_whole_seeds_and_its_finished_runs_can_be_read(tmp_path, monkeypatch):
+    """Sweeps run seed by seed (every variant of seed 0 before any of seed 1; with phases, phase by
+    phase), so one stopped early leaves whole paired seeds; ``finished_runs`` reads what finished
+    without running anything."""
+    from sail_jax import sweep as sweep_module
+
+    order = []
+
+    def fake_run_one(make_config, variant, seed, out, **overrides):
+        order.append((variant, seed))
+        return {"variant": variant, "final": {"reward": seed}}
+
+    monkeypatch.setattr(sweep_module, "run_one", fake_run_one)
+    monkeypatch.setattr(sweep_module, "use_compile_cache", lambda out: out)  # leave this process's jax config alone
+    results = sweep_module.sweep(None, ["a", "b"], 2, str(tmp_path))
+    assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert [r["final"]["reward"] for r in results["b"]] == [0, 1]
+    order.clear()  # phases: every seed of the first phase's variants before the next phase
+    sweep_module.sweep(None, ["a", "b", "c"], 2, str(tmp_path), phases=[["b"], ["a", "c"]])
+    assert order == [("b", 0), ("b", 1), ("a", 0), ("c", 0), ("a", 1), ("c", 1)]
+    with pytest.raises(ValueError, match="must hold each of the variants"):
+        sweep_module.sweep(None, ["a", "b"], 1, str(tmp_path), phases=[["a"]])
+    for variant, seed in (("a", 0), ("b", 0), ("a", 2)):
+        os.makedirs(tmp_path / variant / f"seed{seed}")
+        (tmp_path / variant / f"seed{seed}" / "summary.json").write_text(json.dumps({"final": {"reward": seed}}))
+    (tmp_path / "b" / "seed1").mkdir()  # started, not finished: no summary
+    done = sweep_module.finished_runs(["a", "b", "c"], 3, str(tmp_path))
+    assert [r["seed"] for r in done["a"]] == [0, 2] and [r["seed"] for r in done["b"]] == [0] and done["c"] == []
+
+
 def test_wandb_logging_writes_a_run_that_a_resumed_run_continues(data, tmp_path):
     """logging.wandb (offline mode: no network) logs the run's metrics to a W&B run kept in the workdir;
     rerunning the same workdir continues that W&B run (same id), and the flag never changes the run's

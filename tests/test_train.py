@@ -196,9 +196,11 @@ def test_sft_lowers_the_response_nll(tiny_checkpoint, tmp_path):
 
     config = _config("sft", tiny_checkpoint, tmp_path, steps=30)
     config.eval_every = 1
+    config.export = config.checkpoint.final = False  # a sweep's setting: the run leaves its metrics, no weights
     get_recipe("sft")(config, str(tmp_path / "run"))
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open() if '"eval"' in line]
     assert evals[-1]["nll"] < 0.7 * evals[0]["nll"], (evals[0]["nll"], evals[-1]["nll"])
+    assert not (tmp_path / "run" / "export").exists() and not list((tmp_path / "run").glob("checkpoints/*"))
 
 
 @pytest.mark.parametrize("key,value,message", [

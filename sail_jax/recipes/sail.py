@@ -65,7 +65,8 @@ def run(config, workdir: str) -> dict:
                                                "heldout/rewards/accuracies") if k in final},
                "train_seconds": loop.seconds["steps"],
                "generation_share": loop.seconds["generation"] / max(loop.seconds["steps"], 1e-9)}
-    export_policy(config, loop.trainable, loop.state.params, workdir, tokenizer)  # collective
+    if config.get("export", True):  # sweeps of many runs skip the full-model copies
+        export_policy(config, loop.trainable, loop.state.params, workdir, tokenizer)  # collective
     if jax.process_index() == 0:
         scored_by = config.reward.get("eval_kind") or config.reward.kind
         text = summary_text(summary, loop.evaluator.sample_table(), oracle=scored_by in TASK_NAMES)
