@@ -39,12 +39,14 @@ def draw_routes(key: jax.Array, n: int, *, p_dp: float, p_pp: float, p_pr: float
 
 
 def select_pairs(key: jax.Array, scores: jax.Array, method: str) -> tuple[jax.Array, jax.Array]:
-    """Indices ``(a, b)`` ``[n]`` of the two samples to compare among each prompt's k."""
+    """Indices ``(a, b)`` ``[n]`` of two distinct samples to compare among each prompt's k."""
     n, k = scores.shape
     if method == "first_two":
         return jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.int32)
-    if method == "max_min":
-        return jnp.argmax(scores, axis=1).astype(jnp.int32), jnp.argmin(scores, axis=1).astype(jnp.int32)
+    if method == "max_min":  # two distinct samples even when every score ties (at π = π_ref, β·h is 0 for all)
+        a = jnp.argmax(scores, axis=1)
+        others = jnp.where(jnp.arange(k)[None, :] == a[:, None], jnp.inf, scores)
+        return a.astype(jnp.int32), jnp.argmin(others, axis=1).astype(jnp.int32)
     if method == "random":
         a = jax.random.randint(key, (n,), 0, k)
         b = (a + jax.random.randint(jax.random.fold_in(key, 1), (n,), 1, k)) % k  # distinct from a

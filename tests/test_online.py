@@ -57,6 +57,10 @@ def test_pair_selection_methods():
     scores = jnp.array([[0.1, 0.9, -0.5, 0.3]] * 50)
     a, b = select_pairs(jax.random.key(0), scores, "max_min")
     assert a[0] == 1 and b[0] == 2
+    # All scores equal (self-labelling at π = π_ref: every implicit reward is 0): still two samples. Picking
+    # one twice made an identical pair that was dropped, so SAIL-PP on SmolLM2 never left the reference.
+    a, b = select_pairs(jax.random.key(0), jnp.zeros((3, 4)), "max_min")
+    assert bool(jnp.all(a != b))
     a, b = select_pairs(jax.random.key(0), scores, "first_two")
     assert a[0] == 0 and b[0] == 1
     a, b = select_pairs(jax.random.key(0), scores, "random")
