@@ -97,6 +97,7 @@ VARIANTS = {
     "online_dpo": dict(p_pr=1.0, gamma=0.0),
     "online_ipo": dict(p_pr=1.0, gamma=0.0, online_loss_type="ipo"),  # Calandriello et al. 2024
     "xpo": dict(p_pr=1.0, gamma=0.0, opponent="reference", xpo_alpha=XPO_ALPHA),  # Xie et al. 2024, as TRL
+    "nash_md": dict(p_pr=1.0, gamma=0.0, opponent="mixture"),  # Munos et al. 2023, as TRL (mixture 0.5)
     # Chen et al. 2024: iterations of 10 updates, each sampling from one policy snapshot, which then
     # becomes the reference of the next.
     "spin": dict(p_pr=1.0, gamma=0.0, opponent="data", num_samples=1, interval=10, sync_every=10),
@@ -142,8 +143,10 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
         "lam_score": placeholder(float),  # PP's coefficient on S apart from λ on ½ℓ² (ablations; default: lam)
         "revkl": 0.0,  # α of SAIL-RevKL's penalty α·KL(π‖π_ref) on the sampled routes (0: off)
         "online_loss_type": "",  # DP/PP/PR rows' preference loss ('': SAIL's −ℓ; e.g. ipo: online IPO)
-        "opponent": "policy",  # the sampled pair's other side: policy | reference (XPO) | data (SPIN)
+        # the sampled pair's other side: policy | reference (XPO) | data (SPIN) | mixture (Nash-MD)
+        "opponent": "policy",
         "xpo_alpha": 0.0,  # XPO's exploration term α·logπ(y_ref) on the sampled rows (opponent=reference)
+        "mixture_coef": 0.5,  # Nash-MD: the opponent samples π^(1−m)·π_ref^m (TRL's default m = 0.5)
         "baseline": "batch_mean", "baseline_decay": 0.9,
         "score_term": "unbiased",  # or released_code (compatibility mode)
         "released_code_scale": placeholder(float),  # released_code: hook factor (default: rows per device x accum)

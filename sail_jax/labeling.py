@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sail_jax.objectives import response_logps
+from sail_jax.objectives import join_prompt_response, response_logps, response_token_logps
 from sail_jax.sail_terms import ROUTE_DP, ROUTE_OFFLINE, ROUTE_PP, ROUTE_PR
 from sail_jax.sharding import batch_sharding
 
@@ -24,10 +24,10 @@ PAIR_SELECTION = ("first_two", "max_min", "random")
 ROUTE_KEY, GEN_KEY, SELECT_KEY, LABEL_KEY, DP_KEY = range(5)
 LABEL_MODES = ("sample", "argmax")
 # Who supplies each sampled pair's other response: the policy (its k samples), the reference model
-# (XPO: the policy's sample vs the reference's) or the dataset (SPIN: its chosen response always
-# beats the policy's one sample).
-OPPONENTS = ("policy", "reference", "data")
-OPPONENT_SAMPLE = 1  # with opponent=reference, the reference's sample is the second of each prompt's two
+# (XPO: the policy's sample vs the reference's), the dataset (SPIN: its chosen response always
+# beats the policy's one sample) or the geometric mixture of policy and reference (Nash-MD).
+OPPONENTS = ("policy", "reference", "data", "mixture")
+OPPONENT_SAMPLE = 1  # with opponent=reference or mixture, the opponent's sample is the second of each prompt's two
 
 
 def draw_routes(key: jax.Array, n: int, *, p_dp: float, p_pp: float, p_pr: float) -> jax.Array:
@@ -77,7 +77,7 @@ def same_responses(tokens_a, mask_a, tokens_b, mask_b) -> jax.Array:
 
 def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None, reward, routes, keys: dict, *,
                        beta: float, num_samples: int, pair_selection: str, pp_label_mode: str, pr_label_mode: str,
-                       relabel_dp: bool, opponent: str = "policy"):
+                       relabel_dp: bool, opponent: str = "policy", ref_token_logp=None):
     """The online train batch from a batch of prompts with dataset pairs, the routes and the samples.
 
     ``policy_logp(p, pm, r, rm)`` / ``ref_logp(...)`` give log π(r|p) ``[n]`` (the models are closed over);
@@ -89,7 +89,10 @@ def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None,
     pairs are dropped), and the counts the loop turns into label metrics. With ``opponent="reference"``
     each prompt's second sample is the reference's (XPO) and ``opponent_chosen`` marks the rows whose
     chosen response it is; with ``opponent="data"`` (SPIN) each prompt has one sample, the rejected
-    response against the dataset's chosen one.
+    response against the dataset's chosen one; with ``opponent="mixture"`` (Nash-MD) the chosen response
+    is the policy's sample and the rejected one the mixture's, whatever their rewards, with
+    ``nash_probability`` = σ(r(y) − r(y')) and the reference's per-token log-probs of the policy's
+    sample (``ref_token_logp(...) -> [n, T]``) as ``ref_chosen_token_logps``.
     """
     p, pm = batch["prompt_ids"], batch["prompt_mask"]
     b = p.shape[0]
@@ -130,7 +133,11 @@ def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None,
         k = num_samples
         tokens, smask = samples["tokens"], samples["mask"]
         rp, rpm = jnp.repeat(p, k, axis=0), jnp.repeat(pm, k, axis=0)
-        ref_s = ref_logp(rp, rpm, tokens, smask)
+        if opponent == "mixture":
+            ref_tokens = ref_token_logp(rp, rpm, tokens, smask)
+            ref_s = ref_tokens.sum(-1)
+        else:
+            ref_s = ref_logp(rp, rpm, tokens, smask)
         implicit = beta * (policy_logp(rp, rpm, tokens, smask).reshape(b, k) - ref_s.reshape(b, k))
         scores = jnp.where(is_pp[:, None], implicit, reward)
         a, bb = select_pairs(keys["select"], scores, pair_selection)
@@ -141,6 +148,10 @@ def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None,
         a_wins = jnp.where(is_pp, pp_wins, pr_wins)
         ia, ib = rows * k + a, rows * k + bb
         tie = jnp.where(is_pp, pp_tie, pr_tie) | same_responses(tokens[ia], smask[ia], tokens[ib], smask[ib])
+        if opponent == "mixture":  # Nash-MD: no label; the policy's sample against the mixture's, ties kept
+            a_wins, tie = jnp.ones_like(a_wins), jnp.zeros_like(tie)
+            out["nash_probability"] = jnp.where(sampled, jax.nn.sigmoid(sa - sb), 0.5)
+            out["ref_chosen_token_logps"] = jnp.where(sampled[:, None], ref_tokens[ia], 0.0)
         win, lose = jnp.where(a_wins, ia, ib), jnp.where(a_wins, ib, ia)
         for name, idx in (("chosen", win), ("rejected", lose)):
             out[f"{name}_response"] = jnp.where(sampled[:, None], tokens[idx], out[f"{name}_response"])
@@ -153,6 +164,9 @@ def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None,
         counts["pp_flips"] = ((pp_wins != (sa > sb)) & is_pp).sum()
     if opponent == "reference" and "opponent_chosen" not in out:  # no samples: every row is offline or DP
         out["opponent_chosen"] = jnp.zeros(b, jnp.int32)
+    if opponent == "mixture" and "nash_probability" not in out:
+        out["nash_probability"] = jnp.full(b, 0.5, jnp.float32)
+        out["ref_chosen_token_logps"] = jnp.zeros(out["chosen_response"].shape, jnp.float32)
     out["route"] = routes.astype(jnp.int32)
     out["valid"] = valid.astype(jnp.int32)
     return out, counts
@@ -173,8 +187,12 @@ def make_labeller(graphdef, ref_graphdef, mesh, base_key: jax.Array, **static):
     def program(policy_states, ref_params, batch, samples, reward, routes, step):
         policy, reference = nnx.merge(graphdef, *policy_states), nnx.merge(ref_graphdef, ref_params)
         keys = {name: step_key(base_key, kind, step) for name, kind in kinds.items()}
+        def ref_token_logp(p, pm, response, response_mask):
+            ids, mask, _ = join_prompt_response(p, pm, response, response_mask)
+            return response_token_logps(reference(ids, mask), ids, response_mask)
+
         return label_online_batch(lambda *rows: response_logps(policy, *rows)[0],
                                   lambda *rows: response_logps(reference, *rows)[0],
-                                  batch, samples, reward, routes, keys, **static)
+                                  batch, samples, reward, routes, keys, ref_token_logp=ref_token_logp, **static)
 
     return jax.jit(program, out_shardings=(batch_sharding(mesh), NamedSharding(mesh, P())))

@@ -113,9 +113,26 @@ def response_logps(model, prompt_ids, prompt_mask, response, response_mask, *, t
     return sequence_logprobs(model(ids, mask), ids, loss_mask, temperature=temperature)
 
 
+def response_token_logps(logits, ids, response_mask):
+    """Per-token ``log π(y_t | x, y<t)`` ``[n, T]`` of the ``T`` response tokens closing ``ids`` (0 where
+    masked), from the logits of a forward pass over ``ids``."""
+    t = response_mask.shape[1]
+    return token_logprobs(logits[:, -t - 1:-1], ids[:, -t:]) * response_mask.astype(jnp.float32)
+
+
+def nash_md_weighted_logps(token_logps, ref_token_logps, response_mask):
+    """``Σ_t sg(log π(y_t) − log π_ref(y_t))·log π(y_t)`` ``[n]``: TRL's Nash-MD KL term, whose gradient
+    weights each token's ∇log π by that token's own log-ratio."""
+    mask = response_mask.astype(jnp.float32)
+    ratio = jax.lax.stop_gradient(token_logps - ref_token_logps)
+    return jnp.sum(ratio * token_logps * mask, axis=-1)
+
+
 def sail_batch_logps(model, batch, *, score_temperature: float = 1.0):
     """One forward pass over the online batch's chosen and rejected rows: ``(logps, score_logps,
-    lengths)``, each ``[2b]`` (chosen rows first); ``score_logps`` at ``score_temperature``."""
+    lengths, nash)``, the first three ``[2b]`` (chosen rows first), ``score_logps`` at
+    ``score_temperature``; ``nash [b]`` is ``nash_md_weighted_logps`` of the chosen rows when the batch
+    carries their per-token reference log-probs (Nash-MD), else zeros."""
     prompt_ids = jnp.concatenate([batch["prompt_ids"]] * 2, axis=0)
     prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2, axis=0)
     response = jnp.concatenate([batch["chosen_response"], batch["rejected_response"]], axis=0)
@@ -125,7 +142,14 @@ def sail_batch_logps(model, batch, *, score_temperature: float = 1.0):
     logps, lengths = sequence_logprobs(logits, ids, loss_mask)
     t = float(score_temperature)
     score = sequence_logprobs(logits, ids, loss_mask, temperature=t)[0] if t != 1.0 else logps
-    return logps, score, lengths
+    b = batch["prompt_ids"].shape[0]
+    if "ref_chosen_token_logps" in batch:
+        chosen_mask = batch["chosen_response_mask"]
+        tokens = response_token_logps(logits[:b], ids[:b], chosen_mask)
+        nash = nash_md_weighted_logps(tokens, batch["ref_chosen_token_logps"], chosen_mask)
+    else:
+        nash = jnp.zeros((b,), jnp.float32)
+    return logps, score, lengths, nash
 
 
 def make_sail_objective(loss_cfg, sail_cfg, *, score_temperature: float = 1.0, data_parallel: int = 1,
@@ -154,7 +178,7 @@ def make_sail_objective(loss_cfg, sail_cfg, *, score_temperature: float = 1.0, d
                         lam_score=None if lam_score is None else float(lam_score),
                         revkl=float(sail_cfg.get("revkl", 0.0)), xpo_alpha=float(sail_cfg.get("xpo_alpha", 0.0)))
 
-    def terms(logps, score, lengths, batch, frozen):
+    def terms(logps, score, lengths, batch, frozen, nash=None):
         b = batch["route"].shape[0]
         valid = batch["valid"]
         n_valid = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
@@ -166,12 +190,14 @@ def make_sail_objective(loss_cfg, sail_cfg, *, score_temperature: float = 1.0, d
             online_loss_type=sail_cfg.get("online_loss_type", ""),
             label_smoothing=float(loss_cfg.get("label_smoothing", 0.0)), score_chosen_logps=score[:b],
             score_rejected_logps=score[b:], mask=valid, baseline_state=frozen["baseline"],
-            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], opponent_chosen=batch.get("opponent_chosen"))
+            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], opponent_chosen=batch.get("opponent_chosen"),
+            nash_probability=batch.get("nash_probability"), nash_weighted_logps=nash)
         return per_term, metrics, n_valid
 
     def objective(model, batch, frozen, rng):
         del rng
-        per_term, metrics, n_valid = terms(*sail_batch_logps(model, batch, score_temperature=t), batch, frozen)
+        logps, score, lengths, nash = sail_batch_logps(model, batch, score_temperature=t)
+        per_term, metrics, n_valid = terms(logps, score, lengths, batch, frozen, nash)
         return jnp.sum(sum(per_term.values())) / n_valid, metrics
 
     objective.terms = terms
@@ -187,20 +213,19 @@ def make_term_gradient_norms(graphdef, objective):
 
     def norms(params, batch, frozen):
         def forward(p):
-            logps, score, lengths = sail_batch_logps(policy(graphdef, p, frozen), batch,
-                                                     score_temperature=objective.score_temperature)
-            return (logps, score), lengths
+            logps, score, lengths, nash = sail_batch_logps(policy(graphdef, p, frozen), batch,
+                                                           score_temperature=objective.score_temperature)
+            return (logps, score, nash), lengths
 
-        (logps, score), pullback, lengths = jax.vjp(forward, params, has_aux=True)
+        outputs, pullback, lengths = jax.vjp(forward, params, has_aux=True)
 
-        def term_mean(logps, score, name):
-            per_term, _, n_valid = objective.terms(logps, score, lengths, batch, frozen)
+        def term_mean(outputs, name):
+            per_term, _, n_valid = objective.terms(*outputs[:2], lengths, batch, frozen, outputs[2])
             return jnp.sum(per_term[name]) / n_valid
 
         out = {}
         for name in objective.term_names:
-            g_logps, g_score = jax.grad(term_mean, argnums=(0, 1))(logps, score, name)
-            out[f"grad_norm/{name}"] = optax.tree.norm(pullback((g_logps, g_score))[0])
+            out[f"grad_norm/{name}"] = optax.tree.norm(pullback(jax.grad(term_mean)(outputs, name))[0])
         total = sum(out.values())
         out.update({f"grad_share/{name}": out[f"grad_norm/{name}"] / jnp.maximum(total, 1e-12)
                     for name in objective.term_names})

@@ -38,7 +38,7 @@ from sail_jax.sail_terms import (ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_l
 from sail_jax.optim import make_optimizer
 from sail_jax.reference_cache import KEYS as REF_KEYS
 from sail_jax.reference_cache import attach_reference_logps
-from sail_jax.sampling import generate
+from sail_jax.sampling import GeometricMixture, generate
 from sail_jax.sharding import batch_sharding, data_parallel_size
 from sail_jax.train import checkpoint_dir, make_train_step
 from sail_jax.trainable import prepare
@@ -152,7 +152,8 @@ class OnlineLoop:
 
     def _sample(self, model, batch, key) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``num_samples`` responses per prompt from the policy (prompt-major, on the host; one for
-        SPIN); with ``sail.opponent=reference`` (XPO) the second of each prompt's two is the reference's."""
+        SPIN); with ``sail.opponent=reference`` (XPO) the second of each prompt's two is the reference's,
+        with ``mixture`` (Nash-MD) the geometric mixture's of policy and reference (``sail.mixture_coef``)."""
         def draw(m, key, k):
             out = generate(m, batch["prompt_ids"], batch["prompt_mask"], key,
                            max_new_tokens=int(self.gen.max_new_tokens), temperature=float(self.gen.temperature),
@@ -161,10 +162,14 @@ class OnlineLoop:
                            pad_id=self.tokenizer.pad_id, batch_sharding=batch_sharding(self.mesh))
             return [np.asarray(to_host(x)) for x in (out.tokens, out.mask, out.finished)]
 
-        if self.sail.get("opponent", "policy") != "reference":
+        opponent = self.sail.get("opponent", "policy")
+        if opponent not in ("reference", "mixture"):
             return tuple(draw(model, key, int(self.sail.num_samples)))
         own = draw(model, key, 1)
-        theirs = draw(nnx.merge(self.ref_graphdef, self.ref_params), jax.random.fold_in(key, 1), 1)
+        reference = nnx.merge(self.ref_graphdef, self.ref_params)
+        if opponent == "mixture":
+            reference = GeometricMixture(model, reference, float(self.sail.mixture_coef))
+        theirs = draw(reference, jax.random.fold_in(key, 1), 1)
         return tuple(np.stack([a, b], axis=1).reshape((-1,) + a.shape[1:]) for a, b in zip(own, theirs))
 
     # ------------------------------------------------------------------ labelling

@@ -12,6 +12,10 @@ Per example, on its route (``route [batch]`` of ``ROUTE_*``), with ℓ = log σ(
   xpo         PP / PR with the reference as the opponent: ``α_xpo·logπ(y_ref)`` (XPO's exploration
               term: lowers the policy's likelihood of the reference's sample; only when α_xpo > 0)
 
+Nash-MD (the opponent sampled from the geometric mixture of π and π_ref) replaces the PR rows'
+preference term by TRL's Nash-MD loss ``β·Σ_t sg(d_t)·logπ(y_t) − (P − ½)·logπ(y)`` on the policy's
+sample y, d_t its per-token log-ratio and P = σ(r(y) − r(y')) its probability of beating the mixture's y'.
+
 The loss is their sum; keeping them apart lets the loop log what each term contributes.
 """
 
@@ -132,6 +136,8 @@ def sail_terms(
     baseline_state: RunningBaseline | None = None,
     chosen_lengths: jax.Array | None = None,
     rejected_lengths: jax.Array | None = None,
+    nash_probability: jax.Array | None = None,
+    nash_weighted_logps: jax.Array | None = None,
     **extra,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """The per-example terms ``{name: [batch]}`` of ``TERMS`` (zero where ``mask`` is false) and metrics.
@@ -149,6 +155,9 @@ def sail_terms(
     for online IPO; ½ℓ², S and the labels keep the Bradley–Terry ℓ.
     ``xpo_alpha`` > 0 adds XPO's term on the sampled rows, whose pair is the policy's sample against
     the reference's; ``opponent_chosen [batch]`` says whether the chosen response is the reference's.
+    ``nash_probability [batch]`` (Nash-MD's P; the chosen response is the policy's sample) with
+    ``nash_weighted_logps`` (``objectives.nash_md_weighted_logps``) turns the PR rows' preference term
+    into Nash-MD's loss.
     """
     check_loss_type(loss_type)
     if online_loss_type:
@@ -190,6 +199,11 @@ def sail_terms(
     # length-normalised, unlike its offline DPO's); only a loss normalised by definition gets lengths.
     online_lengths = (p.chosen_lengths, p.rejected_lengths) if online_loss_type == "sigmoid_norm" else (None, None)
     online = pref(online_loss_type, online_lengths) if online_loss_type else -ell
+    if nash_probability is not None:
+        if nash_weighted_logps is None:
+            raise ValueError("nash_probability needs nash_weighted_logps (objectives.nash_md_weighted_logps)")
+        nash_score = (as_float32(nash_probability) - 0.5) * p.chosen_logps
+        online = jnp.where(is_pr, beta * as_float32(nash_weighted_logps) - nash_score, online)
     self_label_coef = jnp.where(is_dp, rho, jnp.where(is_pp, lam, 0.0)).astype(jnp.float32)
     # RevKL on the sampled routes: d = log(π_T/π_ref) at the sampling temperature T (exact at T = 1).
     d_c, d_r = score_c - p.ref_chosen_logps, score_r - p.ref_rejected_logps
@@ -233,6 +247,11 @@ def sail_terms(
     })
     if xpo_alpha:
         metrics["xpo/opponent_logps"] = masked_mean(sg(opponent_logps), scored)
+    if nash_probability is not None:
+        nash_rows = valid & is_pr
+        metrics["nash/probability"] = masked_mean(as_float32(nash_probability), nash_rows)
+        metrics["nash/score"] = masked_mean(sg(nash_score), nash_rows)
+        metrics["nash/kl"] = masked_mean(sg(p.chosen_logratios), nash_rows)
     return terms, metrics
 
 

@@ -112,10 +112,32 @@ def token_logprob(logits: jax.Array, tokens: jax.Array, top=None, total=None) ->
     return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - top - jnp.log(total)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "cache_len"))
-def _prefill(graphdef, state, prompt_ids, prompt_mask, *, num_samples, cache_len):
-    _COMPILES["prefill"] += 1
-    model = nnx.merge(graphdef, state)
+class GeometricMixture(nnx.Module):
+    """Nash-MD's sampling distribution π_mix(y_t | x, y<t) ∝ π(y_t | ·)^(1−m) · π_ref(y_t | ·)^m, token
+    by token: logits (1 − m)·z_π + m·z_ref (each model's log-normaliser only shifts a row), then the
+    usual temperature / top-k / top-p. ``generate`` takes it like a model and keeps both models' KV
+    caches in one decode loop."""
+
+    def __init__(self, policy: nnx.Module, reference: nnx.Module, coef: float):
+        if not 0.0 <= coef <= 1.0:
+            raise ValueError(f"the mixture coefficient must be in [0, 1], got {coef}")
+        self.policy, self.reference, self.coef = policy, reference, float(coef)
+
+    def mix(self, policy_logits: jax.Array, reference_logits: jax.Array) -> jax.Array:
+        return (1.0 - self.coef) * policy_logits.astype(jnp.float32) + self.coef * reference_logits.astype(jnp.float32)
+
+    def extend(self, input_ids, attention_mask, cache):
+        (a, cache_a), (b, cache_b) = (m.extend(input_ids, attention_mask, c)
+                                      for m, c in ((self.policy, cache[0]), (self.reference, cache[1])))
+        return self.mix(a, b), (cache_a, cache_b)
+
+
+def _prefill_model(model, prompt_ids, prompt_mask, num_samples, cache_len):
+    """The prompt's last logits and KV cache (a pair of each for a ``GeometricMixture``), repeated for k samples."""
+    if isinstance(model, GeometricMixture):
+        (a, cache_a), (b, cache_b) = (_prefill_model(m, prompt_ids, prompt_mask, num_samples, cache_len)
+                                      for m in (model.policy, model.reference))
+        return model.mix(a, b), (cache_a, cache_b)
     cache = init_cache(model.config, prompt_ids.shape[0], prompt_ids.shape[1])
     hidden, cache = model.model.extend(prompt_ids, prompt_mask, cache)
     cache = cache.grow(cache_len)
@@ -126,6 +148,12 @@ def _prefill(graphdef, state, prompt_ids, prompt_mask, *, num_samples, cache_len
                               mask=repeat(cache.mask))
         last = repeat(last)
     return last, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "cache_len"))
+def _prefill(graphdef, state, prompt_ids, prompt_mask, *, num_samples, cache_len):
+    _COMPILES["prefill"] += 1
+    return _prefill_model(nnx.merge(graphdef, state), prompt_ids, prompt_mask, num_samples, cache_len)
 
 
 @functools.partial(
@@ -189,6 +217,7 @@ def generate(
     batch_sharding: jax.sharding.Sharding | None = None,
 ) -> SampleOutput:
     """Sample ``num_samples`` responses per left-padded prompt ``[b, t]``; ``temperature=0`` is greedy.
+    ``model`` is a causal LM, or a ``GeometricMixture`` of two (Nash-MD's opponent).
 
     Deterministic for a given ``key``. Returns a ``SampleOutput`` with ``b * num_samples`` rows.
     """

@@ -230,11 +230,20 @@ def validate_online_config(config) -> None:
         _require(not any(extra.values()),
                  f"config.sail.opponent={opponent!r}: SAIL's score-function and RevKL terms assume both responses "
                  f"are the policy's samples; set {', '.join(k for k, v in extra.items() if v)} to 0")
-    if opponent == "reference":
+    if opponent in ("reference", "mixture"):
+        whose = "the reference's" if opponent == "reference" else "the policy-reference mixture's"
         _require(int(s.num_samples) == 2 and s.pair_selection == "first_two",
-                 f"config.sail.opponent='reference' pairs the policy's sample with the reference's: set "
+                 f"config.sail.opponent={opponent!r} pairs the policy's sample with {whose}: set "
                  f"sail.num_samples=2 (got {s.num_samples}) and sail.pair_selection='first_two' "
                  f"(got {s.pair_selection!r})")
+    if opponent == "mixture":
+        coef = float(s.get("mixture_coef", 0.5))
+        _require(0.0 <= coef <= 1.0, f"config.sail.mixture_coef={coef!r} must be in [0, 1] (0: the policy, 1: the "
+                                     "reference)")
+        _require(float(s.p_pp) == 0 and not s.get("online_loss_type", ""),
+                 f"config.sail.opponent='mixture' (Nash-MD) labels with the reward source and has its own loss: "
+                 f"route its rows with p_pr (p_pp={s.p_pp}) and leave sail.online_loss_type empty "
+                 f"(got {s.get('online_loss_type', '')!r})")
     xpo_alpha = float(s.get("xpo_alpha", 0.0))
     _require(xpo_alpha >= 0, f"config.sail.xpo_alpha={xpo_alpha!r} must be >= 0")
     _require(xpo_alpha == 0 or opponent == "reference",

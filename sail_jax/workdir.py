@@ -32,7 +32,7 @@ LOCK_FILE = ".lock"
 FREE_KEYS = ("steps", "log_every", "eval_every", "eval_batch_size", "checkpoint.", "export", "plan_targets",
              "model.hub_id", "sail.log_term_grads", "log_completions", "logging.")
 # Keys added since runs were first saved whose default is not empty but still means "off".
-OFF_DEFAULTS = {"sail.opponent": "policy"}
+OFF_DEFAULTS = {"sail.opponent": "policy", "sail.mixture_coef": 0.5}
 
 
 class WorkdirLocked(UserError):

@@ -87,7 +87,7 @@ def _online_loop(tiny_checkpoint, tmp, mesh_shape, variant="sail_mixed", **refer
     config.model.path = tiny_checkpoint
     config.data.max_prompt_length, config.data.max_response_length = 40, 12
     config.generation.max_new_tokens = 10  # < max_response_length: padded
-    config.sail.num_samples = {"policy": 3, "reference": 2, "data": 1}[config.sail.opponent]
+    config.sail.num_samples = {"policy": 3, "reference": 2, "mixture": 2, "data": 1}[config.sail.opponent]
     config.batch_size, config.eval_batch_size = 16, 16
     config.reference.update(reference)
     tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
@@ -234,6 +234,35 @@ def test_xpo_pairs_the_policys_sample_with_the_references(tiny_checkpoint, tmp_p
     assert out["opponent_chosen"].any() and not out["opponent_chosen"].all()
 
 
+def test_nash_md_pairs_the_policys_sample_with_the_mixtures(tiny_checkpoint, tmp_path):
+    """sail.opponent=mixture (Nash-MD): each prompt's second sample is the geometric mixture's (the same
+    draw as sampling the mixture alone); the policy's sample is always the chosen row, ties kept, with
+    P = σ(r(y) − r(y')) from the reward source and the reference's per-token log-probs of y, which sum
+    to its sequence log-prob."""
+    from sail_jax.labeling import GEN_KEY
+    from sail_jax.sampling import GeometricMixture, generate
+
+    loop = _online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="nash_md")
+    loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 1.05, loop.state.params))  # π != π_ref
+    block = loop._generate_block(0)
+    batch, samples = block.batches[0], block.samples[0]
+    key, policy = loop._key(GEN_KEY, 0), loop.trainable.model(loop.state.params)
+    mixture = GeometricMixture(policy, nnx.merge(loop.ref_graphdef, loop.ref_params), 0.5)
+    for model, k, rows in ((policy, key, slice(0, None, 2)), (mixture, jax.random.fold_in(key, 1), slice(1, None, 2))):
+        alone = generate(model, batch["prompt_ids"], batch["prompt_mask"], k, max_new_tokens=10,
+                         eos_ids=loop.tokenizer.eos_id, pad_id=loop.tokenizer.pad_id)
+        np.testing.assert_array_equal(samples["tokens"][rows, :10], np.asarray(alone.tokens))
+    out, metrics = _label(loop, 0, batch, samples)
+    assert (out["route"] == ROUTE_PR).all() and (out["valid"] == batch["valid"]).all()  # nothing dropped
+    np.testing.assert_array_equal(out["chosen_response"], samples["tokens"][0::2])
+    np.testing.assert_array_equal(out["rejected_response"], samples["tokens"][1::2])
+    texts = [loop.tokenizer.decode(t[m == 1].tolist()) for t, m in zip(samples["tokens"], samples["mask"])]
+    reward = np.array([len(t.split()) for t in texts], np.float32) - 0.5 * ~samples["finished"].astype(bool)
+    np.testing.assert_allclose(out["nash_probability"], 1 / (1 + np.exp(-(reward[0::2] - reward[1::2]))), rtol=1e-5)
+    np.testing.assert_allclose(out["ref_chosen_token_logps"].sum(1), out["ref_chosen_logps"], atol=1e-4)
+    assert (out["ref_chosen_token_logps"][out["chosen_response_mask"] == 0] == 0).all()
+
+
 def test_spin_pairs_the_datasets_chosen_response_with_the_policys_sample(tiny_checkpoint, tmp_path):
     """sail.opponent=data (SPIN): one sample per prompt, the rejected response against the dataset's
     chosen one, with the sample's reference log-prob; identical pairs are dropped."""
@@ -342,7 +371,12 @@ def test_every_variant_config_validates():
                               ("online_dpo", {"xpo_alpha": 0.1}, "needs sail.opponent='reference'"),
                               ("spin", {"num_samples": 2}, "each prompt takes one sample"),
                               ("spin", {"p_pp": 0.2, "p_pr": 0.8}, "nothing is self-labelled"),
-                              ("online_dpo", {"opponent": "judge"}, "valid: \\['policy', 'reference', 'data'\\]"),
+                              ("online_dpo", {"opponent": "judge"},
+                               "valid: \\['policy', 'reference', 'data', 'mixture'\\]"),
+                              ("nash_md", {"num_samples": 4}, "set sail.num_samples=2"),
+                              ("nash_md", {"mixture_coef": 1.5}, "must be in \\[0, 1\\]"),
+                              ("nash_md", {"online_loss_type": "ipo"}, "has its own loss"),
+                              ("nash_md", {"p_pp": 0.2, "p_pr": 0.8, "lam": 0.0}, "route its rows with p_pr"),
                               ("online_dpo", {"online_loss_type": "dpo"}, "online_loss_type='dpo' is unknown")):
         bad = sail_config(name)
         bad.model.path, bad.data.train_path = config.model.path, config.data.train_path

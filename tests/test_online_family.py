@@ -1,5 +1,6 @@
-"""The online methods around SAIL as routes of one loop: XPO and online IPO against TRL's own loss
-code on identical inputs, and online IPO, XPO and SPIN running from configs/ on the built-in task."""
+"""The online methods around SAIL as routes of one loop: XPO, Nash-MD and online IPO against TRL's own
+loss code on identical inputs, and online IPO, XPO, SPIN and Nash-MD running from configs/ on the
+built-in task."""
 
 import json
 import os
@@ -23,6 +24,41 @@ def _token_logps(rng, n, t):
     logps = -rng.gamma(2.0, 1.0, (n, t)).astype(np.float32)
     logps[np.arange(t)[None, :] >= lengths[:, None]] = 0.0
     return logps, lengths
+
+
+def test_nash_md_loss_and_its_gradient_equal_trls():
+    """TRL 1.13's ``NashMDTrainer._compute_losses`` (per-token log-probs of the policy's sample under the
+    policy and the reference, and P = σ(r(y) − r(y'))) vs our PR rows with the mixture as the opponent:
+    the batch loss and its gradient with respect to every token's log-prob, within 1e-5 (TRL returns
+    the batch mean only, so the gradient is what checks each example)."""
+    import jax
+    from trl.experimental.nash_md import NashMDTrainer
+
+    from sail_jax.objectives import nash_md_weighted_logps
+
+    rng = np.random.default_rng(1)
+    n, t, beta = 16, 9, 0.1
+    pol, lengths = _token_logps(rng, n, t)
+    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.float32)
+    ref = (pol + rng.normal(0, 0.3, (n, t)) * mask).astype(np.float32)
+    probability = rng.random(n).astype(np.float32)
+
+    pol_t = torch.tensor(pol, requires_grad=True)
+    loss, _, _ = NashMDTrainer._compute_losses(types.SimpleNamespace(beta=beta), pol_t, torch.tensor(ref),
+                                               torch.tensor(probability))
+    loss.backward()
+
+    def ours(token_logps):
+        seq = token_logps.sum(1)
+        terms, _ = sail_terms(seq, jnp.zeros(n), jnp.asarray(ref.sum(1)), jnp.zeros(n), jnp.full(n, ROUTE_PR),
+                              beta=beta, rho=0.0, lam=0.0, gamma=0.0, nash_probability=jnp.asarray(probability),
+                              nash_weighted_logps=nash_md_weighted_logps(token_logps, jnp.asarray(ref),
+                                                                         jnp.asarray(mask)))
+        return jnp.mean(sum(terms.values()))
+
+    value, grad = jax.value_and_grad(ours)(jnp.asarray(pol))
+    np.testing.assert_allclose(float(value), loss.item(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad) * mask, pol_t.grad.numpy() * mask, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -67,26 +103,34 @@ def test_xpo_term_is_only_on_sampled_rows_and_needs_the_opponent():
 
 
 @pytest.mark.slow
-def test_online_ipo_xpo_and_spin_run_from_configs_and_reduce_their_loss(tmp_path):
-    """configs/online_ipo.py, xpo.py and spin.py on the built-in task (a small one, built once and
-    shared): each runs end to end and its training loss falls — for SPIN within an iteration, since
-    each iteration's reference is the policy it starts from (its loss restarts at log 2). Each
-    evaluation logs its completions to completions.jsonl and TensorBoard."""
+def test_online_ipo_xpo_spin_and_nash_md_run_from_configs_and_learn(tmp_path):
+    """configs/online_ipo.py, xpo.py, spin.py and nash_md.py on the built-in task (a small one, built
+    once and shared): each runs end to end and its training loss falls — for SPIN within an iteration,
+    since each iteration's reference is the policy it starts from (its loss restarts at log 2). Nash-MD's
+    loss is a score-function surrogate whose value need not fall: there the policy's sample must come
+    to beat the mixture's (P > ½) and the oracle reward must rise. Each evaluation logs its completions
+    to completions.jsonl and TensorBoard."""
     env = {**os.environ, "XLA_FLAGS": ""}
     small = ["--config.steps=30", "--config.eval_every=30", "--config.log_every=1", "--config.checkpoint.every=30",
              "--config.task.sft_steps=100", "--config.task.preference_train=256", "--config.task.preference_eval=32",
              f"--config.task.dir={tmp_path / 'task'}"]
-    for name in ("online_ipo", "xpo", "spin"):
+    for name in ("online_ipo", "xpo", "spin", "nash_md"):
         workdir = tmp_path / name
         out = subprocess.run([sys.executable, "-m", "sail_jax.cli", f"--config=configs/{name}.py",
                               f"--workdir={workdir}", *small], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
-        losses = [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"]
+        train = [r for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"]
+        losses = [r["loss"] for r in train]
         assert len(losses) == 30, (name, len(losses))
-        first, last = (losses[:1], losses[7:10]) if name == "spin" else (losses[:3], losses[-5:])
-        assert np.mean(last) < np.mean(first), (name, losses)
-        assert json.loads((workdir / "summary.json").read_text())["variant"] == name
+        summary = json.loads((workdir / "summary.json").read_text())
+        assert summary["variant"] == name
+        if name == "nash_md":
+            assert np.mean([r["nash/probability"] for r in train[-10:]]) > 0.5, train[-10:]
+            assert summary["final"]["reward"] > summary["reference"]["reward"] + 0.1, summary
+        else:
+            first, last = (losses[:1], losses[7:10]) if name == "spin" else (losses[:3], losses[-5:])
+            assert np.mean(last) < np.mean(first), (name, losses)
         completions = [json.loads(line) for line in open(workdir / "completions.jsonl")]
         assert len(completions) == 8 and {r["step"] for r in completions} == {30}
         assert set(completions[0]) == {"step", "prompt", "reference", "reference_reward", "policy", "policy_reward"}

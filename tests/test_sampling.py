@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sail_jax.logprobs import token_logprobs
 from sail_jax.models import load_pretrained
-from sail_jax.sampling import bucket, compile_counts, filter_logits, generate, sample_categorical
+from sail_jax.sampling import GeometricMixture, bucket, compile_counts, filter_logits, generate, sample_categorical
 
 PAD = 0
 
@@ -134,3 +134,47 @@ def test_bad_sampling_arguments_are_named(tiny_model):
         generate(tiny_model, ids, mask, jax.random.PRNGKey(0), max_new_tokens=2, top_p=1.5, eos_ids=[1])
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate(tiny_model, ids, mask, jax.random.PRNGKey(0), max_new_tokens=0, eos_ids=[1])
+
+
+@pytest.fixture(scope="module")
+def mixture_pair(tmp_path_factory):
+    """Two different tiny models: a policy and a reference."""
+    out = []
+    for seed in (0, 1):
+        hf = random_hf_model("LlamaForCausalLM", seed=seed)
+        path = str(tmp_path_factory.mktemp("m") / "model")
+        hf.save_pretrained(path)
+        out.append(load_pretrained(path))
+    return out
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.3, 1.0])
+def test_geometric_mixture_draws_the_normalised_product_of_the_two_models(mixture_pair, coef):
+    """Nash-MD's mixture sampler: first tokens follow softmax((1 − m)·z_π + m·z_ref) (frequencies over
+    20k draws, at temperature 0.9), and every token's returned log-prob equals that mixture's, recomputed
+    by full forwards of both models along the sampled responses (so the decode loop feeds each model
+    its own cache). m = 0 is the policy and m = 1 the reference, draw for draw."""
+    policy, reference = mixture_pair
+    mixture = GeometricMixture(policy, reference, coef)
+    ids, mask = left_padded_batch(97, batch=1, length=5, seed=4)
+    n, t = 20000, 0.9
+    out = generate(mixture, ids, mask, jax.random.PRNGKey(1), max_new_tokens=1, temperature=t, eos_ids=[96],
+                   num_samples=n)
+    logits = [m(jnp.asarray(ids), jnp.asarray(mask))[0, -1] for m in (policy, reference)]
+    expected = np.asarray(jax.nn.softmax(((1 - coef) * logits[0] + coef * logits[1]) / t))
+    freq = np.bincount(np.asarray(out.tokens[:, 0]), minlength=97) / n
+    np.testing.assert_array_less(np.abs(freq - expected), 4.5 * np.sqrt(expected * (1 - expected) / n) + 1e-9)
+
+    ids, mask = left_padded_batch(97, batch=2, length=6, seed=5)
+    out = generate(mixture, ids, mask, jax.random.PRNGKey(2), max_new_tokens=9, temperature=t, eos_ids=[5],
+                   num_samples=3, pad_id=PAD)
+    full_ids = np.concatenate([np.repeat(ids, 3, axis=0), np.asarray(out.tokens)], axis=1)
+    full_mask = np.concatenate([np.repeat(mask, 3, axis=0), np.asarray(out.mask)], axis=1)
+    z = [m(jnp.asarray(full_ids), jnp.asarray(full_mask))[:, 5:-1] for m in (policy, reference)]
+    recomputed = token_logprobs((1 - coef) * z[0] + coef * z[1], jnp.asarray(full_ids[:, 6:]), temperature=t)
+    valid = np.asarray(out.mask).astype(bool)
+    np.testing.assert_allclose(np.asarray(out.logprobs)[valid], np.asarray(recomputed)[valid], atol=2e-5)
+    if coef in (0.0, 1.0):
+        alone = generate(policy if coef == 0 else reference, ids, mask, jax.random.PRNGKey(2), max_new_tokens=9,
+                         temperature=t, eos_ids=[5], num_samples=3, pad_id=PAD)
+        np.testing.assert_array_equal(np.asarray(alone.tokens), np.asarray(out.tokens))
