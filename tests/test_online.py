@@ -75,7 +75,7 @@ def loop(tiny_checkpoint, tmp_path_factory):
     return _online_loop(tiny_checkpoint, tmp_path_factory.mktemp("online"), (1, 1, 1))
 
 
-def _online_loop(tiny_checkpoint, tmp, mesh_shape, variant="sail_mixed", **reference):
+def _online_loop(tiny_checkpoint, tmp, mesh_shape, variant="sail_mixed", sail=None, **reference):
     from sail_jax.data.pipeline import encode_online
     from sail_jax.data.records import Records
     from sail_jax.online import OnlineLoop
@@ -88,6 +88,7 @@ def _online_loop(tiny_checkpoint, tmp, mesh_shape, variant="sail_mixed", **refer
     config.data.max_prompt_length, config.data.max_response_length = 40, 12
     config.generation.max_new_tokens = 10  # < max_response_length: padded
     config.sail.num_samples = {"policy": 3, "reference": 2, "mixture": 2, "data": 1}[config.sail.opponent]
+    config.sail.update(sail or {})
     config.batch_size, config.eval_batch_size = 16, 16
     config.reference.update(reference)
     tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
@@ -232,6 +233,19 @@ def test_xpo_pairs_the_policys_sample_with_the_references(tiny_checkpoint, tmp_p
     np.testing.assert_array_equal(out["opponent_chosen"][sampled & (out["valid"] == 1)],
                                   is_ref[sampled & (out["valid"] == 1)])
     assert out["opponent_chosen"].any() and not out["opponent_chosen"].all()
+
+
+def test_self_labelling_with_max_min_selection_starts_from_the_reference(tiny_checkpoint, tmp_path):
+    """At π = π_ref every implicit reward is 0: max_min selection must still pair two different samples,
+    so the PP rows carry (randomly labelled) pairs and training can start. Before the fix every PP pair
+    was one sample twice, dropped as identical, and SAIL-PP on SmolLM2 never moved."""
+    loop = _online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="self_labelled_dpo",
+                        sail={"pair_selection": "max_min", "p_pp": 1.0})
+    block = loop._generate_block(0)
+    out, _ = _label(loop, 0, block.batches[0], block.samples[0])
+    pp = out["route"] == ROUTE_PP
+    assert pp.all() and out["valid"][pp].mean() > 0.5, out["valid"]
+    assert not np.array_equal(out["chosen_response"], out["rejected_response"])
 
 
 def test_nash_md_pairs_the_policys_sample_with_the_mixtures(tiny_checkpoint, tmp_path):
