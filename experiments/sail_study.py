@@ -4,7 +4,7 @@
     python experiments/sail_study.py --out=runs/study --quick    # 3 seeds x 60 updates, p = 0.3 only
     python experiments/sail_study.py --out=runs/study --docs     # also copy the results into docs/
     python experiments/sail_study.py --out=runs/family --family --docs   # the online family at p = 1
-    python experiments/sail_study.py --out=runs/ifeval --task=ifeval --jobs=10 --docs   # SmolLM2, one GPU
+    python experiments/sail_study.py --out=runs/ifeval --task=ifeval --jobs=5 --docs   # SmolLM2, one GPU
     python experiments/sail_study.py --out=runs/ifeval --task=ifeval --report --docs   # tables of what finished
 
 Arms differ from their contrast partner in exactly one setting, at the same online fraction p (the
@@ -34,7 +34,9 @@ routes draw four and pair the best with the worst, its baseline is online DPO wi
                       opponent and another loss)
 
 ``--task=ifeval`` is SmolLM2-135M-Instruct on the IFEval-style task (``sail_jax.configs.ifeval_config``,
-a GPU's work): both sets of contrasts at p = 1 plus offline DPO and Nash-MD, 80 updates per run. Runs
+a GPU's work): both sets of contrasts at p = 1 plus offline DPO and Nash-MD, 80 updates per run. On
+one 141 GB H200, 5 runs at once fit (set XLA_PYTHON_CLIENT_PREALLOCATE=false; each grows to ~26 GB)
+and 10 do not. Runs
 go in phases (every seed of SAIL's terms, then of the online family, then the rest), seed by seed
 within each, so a sweep stopped early leaves whole paired seeds of what matters most; ``--report``
 writes the tables from the runs finished so far (each contrast over the seeds both its arms finished).
