@@ -27,7 +27,7 @@ LABEL_MODES = ("sample", "argmax")
 # (XPO: the policy's sample vs the reference's), the dataset (SPIN: its chosen response always
 # beats the policy's one sample) or the geometric mixture of policy and reference (Nash-MD).
 OPPONENTS = ("policy", "reference", "data", "mixture")
-OPPONENT_SAMPLE = 1  # with opponent=reference or mixture, the opponent's sample is the second of each prompt's two
+OPPONENT_SAMPLE = 1  # with opponent=reference or mixture, the opponent's is each prompt's second sample
 
 
 def draw_routes(key: jax.Array, n: int, *, p_dp: float, p_pp: float, p_pr: float) -> jax.Array:
@@ -187,6 +187,7 @@ def make_labeller(graphdef, ref_graphdef, mesh, base_key: jax.Array, **static):
     def program(policy_states, ref_params, batch, samples, reward, routes, step):
         policy, reference = nnx.merge(graphdef, *policy_states), nnx.merge(ref_graphdef, ref_params)
         keys = {name: step_key(base_key, kind, step) for name, kind in kinds.items()}
+
         def ref_token_logp(p, pm, response, response_mask):
             ids, mask, _ = join_prompt_response(p, pm, response, response_mask)
             return response_token_logps(reference(ids, mask), ids, response_mask)
