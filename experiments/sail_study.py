@@ -25,7 +25,7 @@ routes draw four and pair the best with the worst, its baseline is online DPO wi
 
   online IPO          online DPO                            vs IPO's squared loss on the same pairs
   XPO's sampling      online DPO (two policy samples)       vs the policy's sample against the reference's (α = 0)
-  XPO's term          the above                             vs XPO (α·logπ(y_ref), TRL's α)
+  XPO's term          the above                             vs XPO (α·logπ(y_ref), TRL's α = 1e-5, and α = 0.01)
   SPIN                online DPO                            vs SPIN (the dataset's chosen response against a
                       (a method comparison: no reward,      policy sample, its reference synced every 10 updates)
                       another opponent, another reference)
@@ -78,6 +78,9 @@ ARMS = {
                                          "pair_selection": "first_two"}),
     "xpo": ("p_pr", {"gamma": 0.0, "opponent": "reference", "num_samples": 2, "pair_selection": "first_two",
                      "xpo_alpha": XPO_ALPHA}),
+    # XPO with an exploration term large enough to matter: 1e-2·logπ(y_ref) against a DPO term of ~0.05 a row.
+    "xpo_alpha_0.01": ("p_pr", {"gamma": 0.0, "opponent": "reference", "num_samples": 2,
+                                "pair_selection": "first_two", "xpo_alpha": 0.01}),
     "spin": ("p_pr", {"gamma": 0.0, "opponent": "data", "num_samples": 1, "interval": 10, "sync_every": 10}),
     "nash_md": ("p_pr", {"gamma": 0.0, "opponent": "mixture", "num_samples": 2, "pair_selection": "first_two"}),
 }
@@ -87,6 +90,7 @@ FAMILY_CONTRASTS = (
     (f"XPO's term (α 0 → {XPO_ALPHA:g})", "online_dpo_vs_reference", "xpo"),
     ("SPIN vs online DPO (method comparison)", "online_dpo", "spin"),
     ("Nash-MD vs online DPO (method comparison)", "online_dpo", "nash_md"),
+    ("XPO's term at a larger α (α 0 → 0.01)", "online_dpo_vs_reference", "xpo_alpha_0.01"),
 )
 PROXY_ARMS = ("online_dpo", "sail_pr")  # also run as "<arm>_rm": labels from the proxy reward model
 CONTRASTS = (
