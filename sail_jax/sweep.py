@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import hashlib
 import json
 import multiprocessing
 import os
+import subprocess
 import time
 from typing import Callable
 
@@ -28,6 +30,42 @@ def mean_ci(values):
     return float(values.mean()), float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
 
 
+# Config fields that name files on the machine that ran: they differ between machines, not between runs.
+MACHINE_LOCAL_KEYS = ("task.dir", "task.gguf", "model.path", "reward.path")
+
+
+def run_config(make_config: Callable, variant: str, seed: int, **overrides):
+    config = make_config(variant)
+    config.seed = seed
+    config.update(overrides)
+    return config
+
+
+def config_fingerprint(config) -> str:
+    """A hash of everything a run's config sets except MACHINE_LOCAL_KEYS: two runs with the same
+    fingerprint were asked for the same thing (the code they ran is recorded beside it)."""
+    values = json.loads(config.to_json())
+    for key in MACHINE_LOCAL_KEYS:
+        section, name = key.split(".")
+        values.get(section, {}).pop(name, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _provenance() -> dict:
+    """Which code and hardware made a run: the git commit (``+dirty`` with uncommitted changes), the
+    device kind and jax's version."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"commit": commit, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
 def run_one(make_config: Callable, variant: str, seed: int, out: str, **overrides) -> dict:
     """One run in ``OUT/<variant>/seed<seed>``; a finished run (summary.json) is read, not rerun, and
     an interrupted one resumes from its last checkpoint (if its config writes checkpoints)."""
@@ -38,13 +76,12 @@ def run_one(make_config: Callable, variant: str, seed: int, out: str, **override
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             return json.load(f)
-    config = make_config(variant)
-    config.seed = seed
-    config.update(overrides)
+    config = run_config(make_config, variant, seed, **overrides)
+    fingerprint = config_fingerprint(config)
     config.task.dir = os.path.join(out, "task")
     t0 = time.time()
     summary = run_sail(config, workdir)
-    summary["wall_seconds"] = time.time() - t0
+    summary.update(wall_seconds=time.time() - t0, config_fingerprint=fingerprint, **_provenance())
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -74,27 +111,43 @@ def prepare_shared_task(make_config: Callable, variant: str, out: str) -> None:
 
 
 def sweep(make_config: Callable, variants, seeds: int, out: str, *, jobs: int = 1, phases=None,
-          **overrides) -> dict[str, list[dict]]:
+          stop_after: float | None = None, **overrides) -> dict[str, list[dict]]:
     """Every variant at seeds 0..seeds-1, seed by seed (an interrupted sweep leaves whole seeds of
     every variant: see ``finished_runs``); ``phases`` (lists of the variants) runs each phase's seeds
     before the next phase's, e.g. the contrasts that matter most first. ``jobs`` > 1 runs that many
     at once in fresh processes (``make_config`` must then be picklable: a module-level function or a
     partial of one), after one of them has built the shared task files. Compiled programs are shared
-    through ``use_compile_cache``."""
+    through ``use_compile_cache``. ``stop_after`` (seconds; a GPU session's budget): no run starts
+    later, those running finish, and the result holds what finished, as ``finished_runs`` reads it."""
     os.makedirs(out, exist_ok=True)
     use_compile_cache(out)
     phases = phases or [list(variants)]
     if sorted(v for phase in phases for v in phase) != sorted(variants):
         raise ValueError(f"phases {phases} must hold each of the variants {list(variants)} once")
     runs = [(v, s) for phase in phases for s in range(seeds) for v in phase]
+    deadline = time.time() + stop_after if stop_after is not None else float("inf")
+    done = {}
     if jobs <= 1 or len(runs) <= 1:
-        done = {r: run_one(make_config, *r, out, **overrides) for r in runs}
+        for r in runs:
+            if time.time() >= deadline:
+                break
+            done[r] = run_one(make_config, *r, out, **overrides)
     else:
         context = multiprocessing.get_context("spawn")  # jax does not survive fork
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
             pool.submit(prepare_shared_task, make_config, variants[0], out).result()
-            futures = {r: pool.submit(run_one, make_config, *r, out, **overrides) for r in runs}
-            done = {r: f.result() for r, f in futures.items()}
+            pending, running = list(runs), {}
+            while pending or running:
+                while pending and len(running) < jobs and time.time() < deadline:
+                    r = pending.pop(0)
+                    running[pool.submit(run_one, make_config, *r, out, **overrides)] = r
+                if not running:
+                    break
+                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    done[running.pop(future)] = future.result()
+    if len(done) < len(runs):
+        return finished_runs(variants, seeds, out)
     return {v: [done[(v, s)] for s in range(seeds)] for v in variants}
 
 
@@ -111,6 +164,49 @@ def finished_runs(variants, seeds: int, out: str) -> dict[str, list[dict]]:
                     runs.append({**json.load(f), "seed": seed})
         results[v] = runs
     return results
+
+
+def save_ledger(variants, seeds: int, out: str, path: str) -> int:
+    """Add the summaries of the runs finished in ``out`` to the JSON file ``path``, a ledger keyed
+    ``<variant>/seed<k>/<config fingerprint>`` (so runs of other settings, e.g. another ``--steps``,
+    sit beside each other), so a sweep too long for one machine session can go on in the next one:
+    ``load_ledger`` puts them back. Returns how many runs it holds."""
+    ledger = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            ledger = json.load(f)
+    for v, runs in finished_runs(variants, seeds, out).items():
+        ledger.update({f"{v}/seed{r['seed']}/{r.get('config_fingerprint', 'unrecorded')}": r for r in runs})
+    with open(path, "w") as f:
+        json.dump(ledger, f, indent=1, sort_keys=True)
+    return len(ledger)
+
+
+def load_ledger(path: str, make_config: Callable, out: str, **overrides) -> tuple[int, list[str]]:
+    """Put the runs of a ledger (``save_ledger``) into ``out`` as finished runs, so ``sweep`` skips them.
+    A run is taken only if its config fingerprint equals what ``make_config`` asks for today; returned
+    beside the count: the runs of the ledger with no such entry (stale: a setting changed since), which
+    the sweep will run again. Runs already in ``out`` stay."""
+    if not os.path.exists(path):
+        return 0, []
+    with open(path) as f:
+        ledger = json.load(f)
+    by_run = {}
+    for key, summary in ledger.items():
+        variant, seed, fingerprint = key.rsplit("/", 2)
+        by_run.setdefault((variant, int(seed.removeprefix("seed"))), {})[fingerprint] = summary
+    taken, stale = 0, []
+    for (variant, seed), summaries in sorted(by_run.items()):
+        summary = summaries.get(config_fingerprint(run_config(make_config, variant, seed, **overrides)))
+        target = os.path.join(out, variant, f"seed{seed}", "summary.json")
+        if summary is None:
+            stale.append(f"{variant}/seed{seed}")
+        elif not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "w") as f:
+                json.dump({k: v for k, v in summary.items() if k != "seed"}, f, indent=2)
+            taken += 1
+    return taken, stale
 
 
 def final_value(run: dict, key: str) -> float:

@@ -333,6 +333,78 @@ def test_a_stopped_sweep_leaves_whole_seeds_and_its_finished_runs_can_be_read(tm
     (tmp_path / "b" / "seed1").mkdir()  # started, not finished: no summary
     done = sweep_module.finished_runs(["a", "b", "c"], 3, str(tmp_path))
     assert [r["seed"] for r in done["a"]] == [0, 2] and [r["seed"] for r in done["b"]] == [0] and done["c"] == []
+    # stop_after: no run starts past the deadline (here each run takes one tick of a fake clock), and
+    # the result is what finished, seed-tagged as finished_runs reads it.
+    clock = {"now": 0.0}
+    monkeypatch.setattr(sweep_module, "time", type("Clock", (), {"time": staticmethod(lambda: clock["now"])}))
+
+    def ticking_run_one(make_config, variant, seed, out, **overrides):
+        clock["now"] += 1.0
+        path = os.path.join(out, variant, f"seed{seed}")
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "summary.json"), "w") as f:
+            json.dump({"final": {"reward": seed}}, f)
+        order.append((variant, seed))
+
+    monkeypatch.setattr(sweep_module, "run_one", ticking_run_one)
+    order.clear()
+    stopped = sweep_module.sweep(None, ["x", "y"], 3, str(tmp_path), stop_after=2.5)
+    assert order == [("x", 0), ("y", 0), ("x", 1)]
+    assert [r["seed"] for r in stopped["x"]] == [0, 1] and [r["seed"] for r in stopped["y"]] == [0]
+
+
+def test_a_ledger_carries_finished_runs_to_the_next_session_and_leaves_stale_ones_to_rerun(tmp_path, monkeypatch):
+    """A sweep too long for one session goes on in the next through a ledger of finished runs: each run
+    records its config's fingerprint and where it ran; ``load_ledger`` restores only the runs whose
+    config is what the sweep asks for today (another lr is stale, another machine's paths are not), and
+    ``run_one`` then reads a restored run instead of running it; saving keeps the ledger's other runs."""
+    from sail_jax import sweep as sweep_module
+    from sail_jax.configs import sail_config
+    from sail_jax.recipes import sail as sail_recipe
+
+    calls = []
+
+    def fake_run(config, workdir):  # the recipe's side of a run: its workdir and its summary
+        os.makedirs(workdir)
+        calls.append((config.variant, config.seed))
+        return {"variant": config.variant, "final": {"reward": 0.1 * config.seed}}
+
+    monkeypatch.setattr(sail_recipe, "run", fake_run)
+
+    def make(variant, lr=3e-4):
+        c = sail_config(variant)
+        c.optim.learning_rate = lr
+        return c
+
+    first, second, ledger = tmp_path / "first", tmp_path / "second", str(tmp_path / "ledger.json")
+    for variant, seed in (("online_dpo", 0), ("sail_pr", 0), ("online_dpo", 1)):
+        summary = sweep_module.run_one(make, variant, seed, str(first))
+        assert summary["config_fingerprint"] and summary["commit"] and summary["device"] and summary["jax"]
+    assert sweep_module.save_ledger(["online_dpo", "sail_pr"], 2, str(first), ledger) == 3
+
+    local = make("online_dpo")
+    local.task.dir, local.model.path = "/elsewhere/task", "/elsewhere/model"
+    assert sweep_module.config_fingerprint(local) == sweep_module.config_fingerprint(make("online_dpo"))
+    assert sweep_module.config_fingerprint(make("online_dpo", lr=1e-4)) != sweep_module.config_fingerprint(local)
+
+    def make_new_lr(variant):  # today's sweep changed sail_pr's learning rate: its run is stale
+        return make(variant, lr=1e-4 if variant == "sail_pr" else 3e-4)
+
+    taken, stale = sweep_module.load_ledger(ledger, make_new_lr, str(second))
+    assert (taken, stale) == (2, ["sail_pr/seed0"])
+    calls.clear()
+    assert sweep_module.run_one(make_new_lr, "online_dpo", 1, str(second))["final"]["reward"] == 0.1
+    assert calls == []  # restored, not rerun
+    sweep_module.run_one(make_new_lr, "sail_pr", 0, str(second))
+    assert calls == [("sail_pr", 0)]
+    assert sweep_module.load_ledger(str(tmp_path / "none.json"), make, str(second)) == (0, [])
+    # The new sail_pr run sits beside the old one (another setting), and the others are kept.
+    assert sweep_module.save_ledger(["sail_pr"], 1, str(second), ledger) == 4
+    with open(ledger) as f:
+        keys = sorted(json.load(f))
+    new_lr = sweep_module.config_fingerprint(make_new_lr("sail_pr"))
+    assert f"sail_pr/seed0/{new_lr}" in keys and len([k for k in keys if k.startswith("sail_pr/seed0/")]) == 2
+    assert sweep_module.load_ledger(ledger, make_new_lr, str(tmp_path / "third")) == (3, [])
 
 
 def test_wandb_logging_writes_a_run_that_a_resumed_run_continues(data, tmp_path):

