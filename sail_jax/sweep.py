@@ -77,11 +77,11 @@ def run_one(make_config: Callable, variant: str, seed: int, out: str, **override
         with open(summary_path) as f:
             return json.load(f)
     config = run_config(make_config, variant, seed, **overrides)
-    fingerprint = config_fingerprint(config)
+    made_by = {"config_fingerprint": config_fingerprint(config), **_provenance()}  # the code as the run starts
     config.task.dir = os.path.join(out, "task")
     t0 = time.time()
     summary = run_sail(config, workdir)
-    summary.update(wall_seconds=time.time() - t0, config_fingerprint=fingerprint, **_provenance())
+    summary.update(wall_seconds=time.time() - t0, **made_by)
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=2)
     return summary
