@@ -118,7 +118,8 @@ def sweep(make_config: Callable, variants, seeds: int, out: str, *, jobs: int = 
     at once in fresh processes (``make_config`` must then be picklable: a module-level function or a
     partial of one), after one of them has built the shared task files. Compiled programs are shared
     through ``use_compile_cache``. ``stop_after`` (seconds; a GPU session's budget): no run starts
-    later, those running finish, and the result holds what finished, as ``finished_runs`` reads it."""
+    later, those running finish, and the result holds what finished. Summaries carry their ``seed``,
+    as ``finished_runs`` returns them."""
     os.makedirs(out, exist_ok=True)
     use_compile_cache(out)
     phases = phases or [list(variants)]
@@ -148,7 +149,7 @@ def sweep(make_config: Callable, variants, seeds: int, out: str, *, jobs: int = 
                     done[running.pop(future)] = future.result()
     if len(done) < len(runs):
         return finished_runs(variants, seeds, out)
-    return {v: [done[(v, s)] for s in range(seeds)] for v in variants}
+    return {v: [{**done[(v, s)], "seed": s} for s in range(seeds)] for v in variants}
 
 
 def finished_runs(variants, seeds: int, out: str) -> dict[str, list[dict]]:
