@@ -12,7 +12,8 @@ machine has it and none is running), no run starts after MINUTES, and the finish
 ledger docs/smollm2_ifeval_runs.json, from which docs/smollm2_ifeval.{md,json} are rewritten. Run it
 again in the next session, with the ledger committed, and it goes on where this one stopped.
 
-Environment: OUT_DIR (default runs/ifeval), JOBS (default 5: five fit a 141 GB H200, ten do not).
+Environment: OUT_DIR (default runs/ifeval), JOBS (default 5: five fit a 141 GB H200, ten do not),
+SAIL_JAX_COMMIT (the commit to record in each run where the tree is a copy without git).
 USAGE
 }
 

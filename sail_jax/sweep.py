@@ -52,8 +52,8 @@ def config_fingerprint(config) -> str:
 
 
 def _provenance() -> dict:
-    """Which code and hardware made a run: the git commit (``+dirty`` with uncommitted changes), the
-    device kind and jax's version."""
+    """Which code and hardware made a run: the git commit (``+dirty`` with uncommitted changes; on a
+    copy of the tree without git, ``$SAIL_JAX_COMMIT`` if set), the device kind and jax's version."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -62,7 +62,7 @@ def _provenance() -> dict:
                                capture_output=True, text=True, check=True).stdout.strip()
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = os.environ.get("SAIL_JAX_COMMIT", "unknown")
     return {"commit": commit, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 

@@ -381,6 +381,10 @@ def test_a_ledger_carries_finished_runs_to_the_next_session_and_leaves_stale_one
         summary = sweep_module.run_one(make, variant, seed, str(first))
         assert summary["config_fingerprint"] and summary["commit"] and summary["device"] and summary["jax"]
     assert sweep_module.save_ledger(["online_dpo", "sail_pr"], 2, str(first), ledger) == 3
+    with monkeypatch.context() as m:  # a copy of the tree without git (a rented GPU's): the commit from the env
+        m.setattr(sweep_module.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("git")))
+        m.setenv("SAIL_JAX_COMMIT", "abc1234")
+        assert sweep_module.run_one(make, "sail_pr", 1, str(tmp_path / "nogit"))["commit"] == "abc1234"
 
     local = make("online_dpo")
     local.task.dir, local.model.path = "/elsewhere/task", "/elsewhere/model"
