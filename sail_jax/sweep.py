@@ -198,7 +198,10 @@ def load_ledger(path: str, make_config: Callable, out: str, **overrides) -> tupl
         by_run.setdefault((variant, int(seed.removeprefix("seed"))), {})[fingerprint] = summary
     taken, stale = 0, []
     for (variant, seed), summaries in sorted(by_run.items()):
-        summary = summaries.get(config_fingerprint(run_config(make_config, variant, seed, **overrides)))
+        try:
+            summary = summaries.get(config_fingerprint(run_config(make_config, variant, seed, **overrides)))
+        except (KeyError, ValueError):  # a variant make_config no longer knows
+            summary = None
         target = os.path.join(out, variant, f"seed{seed}", "summary.json")
         if summary is None:
             stale.append(f"{variant}/seed{seed}")

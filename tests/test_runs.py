@@ -409,6 +409,9 @@ def test_a_ledger_carries_finished_runs_to_the_next_session_and_leaves_stale_one
     new_lr = sweep_module.config_fingerprint(make_new_lr("sail_pr"))
     assert f"sail_pr/seed0/{new_lr}" in keys and len([k for k in keys if k.startswith("sail_pr/seed0/")]) == 2
     assert sweep_module.load_ledger(ledger, make_new_lr, str(tmp_path / "third")) == (3, [])
+    only_pr = lambda v: make_new_lr({"online_dpo": "no_such_variant"}.get(v, v))  # noqa: E731 (an arm dropped)
+    assert sweep_module.load_ledger(ledger, only_pr, str(tmp_path / "fourth")) == (1, ["online_dpo/seed0",
+                                                                                      "online_dpo/seed1"])
 
 
 def test_wandb_logging_writes_a_run_that_a_resumed_run_continues(data, tmp_path):
