@@ -195,7 +195,7 @@ def main():
     default_betas = "" if args.quick else "0.05,0.1,0.3"
     betas = tuple(float(b) for b in (default_betas if args.betas is None else args.betas).split(",") if b)
     names = [arm_name(a, p) for p in ps for a in ARMS if ARMS[a][0] is not None or p == ps[0]]
-    names += [arm_name(a, 0.3, b) for a in FRONTIER_ARMS for b in betas if b != 0.1]
+    names += [arm_name(a, 0.3, b) for a in FRONTIER_ARMS for b in betas]  # the default β: the p = 0.3 arms
     config = functools.partial(make_config, steps=steps, out=args.out, task=args.task)
     results = sweep(config, list(dict.fromkeys(names)), seeds, args.out, jobs=args.jobs)  # builds OUT/task first
     if args.proxy:
@@ -203,8 +203,6 @@ def main():
         proxy = [arm_name(a + "_rm", p) for p in ps for a in PROXY_ARMS]
         results.update(sweep(config, proxy, seeds, args.out, jobs=args.jobs))
         names += proxy
-    for arm in FRONTIER_ARMS:  # β = 0.1 is the default: the frontier reuses the p = 0.3 arms
-        results[arm_name(arm, 0.3, 0.1)] = results[arm_name(arm, 0.3)]
     contrasts = [row for p in ps for row in contrast_table(results, p)]
     arms = arm_rows({n: results[n] for n in dict.fromkeys(names)}, with_health=args.task == "builtin")
     sft = np.mean([r["reference"]["reward"] for runs in results.values() for r in runs])
@@ -231,14 +229,12 @@ def family(args, seeds: int, steps: int):
     FAMILY_FRONTIER_ARMS across β; OUT/family.{md,json} and OUT/family_frontier.png."""
     names = [arm_name(a, 1.0) for a in dict.fromkeys(a for _, *pair in FAMILY_CONTRASTS for a in pair)]
     betas = tuple(float(b) for b in (FAMILY_BETAS if args.betas is None else args.betas).split(",") if b)
-    frontier = [arm_name(a, 1.0, b) for a in FAMILY_FRONTIER_ARMS for b in betas if b != 0.1]
+    frontier = [arm_name(a, 1.0, b) for a in FAMILY_FRONTIER_ARMS for b in betas]
     config = functools.partial(make_config, steps=steps, out=args.out, task=args.task)
-    results = sweep(config, names + frontier, seeds, args.out, jobs=args.jobs)
+    results = sweep(config, list(dict.fromkeys(names + frontier)), seeds, args.out, jobs=args.jobs)
     contrasts = contrast_table(results, 1.0, FAMILY_CONTRASTS + (FAMILY_MATCHED_KL if betas else ()))
     arms = arm_rows(results, with_health=args.task == "builtin")
     if betas:
-        for arm in FAMILY_FRONTIER_ARMS:  # β = 0.1 is the default: the family's own arms
-            results[arm_name(arm, 1.0, 0.1)] = results[arm_name(arm, 1.0)]
         plot_frontier(results, betas, 1.0, os.path.join(args.out, "family_frontier.png"), FAMILY_FRONTIER_ARMS)
         if args.docs:
             shutil.copy(os.path.join(args.out, "family_frontier.png"),
@@ -289,7 +285,7 @@ def ifeval(args, seeds: int, steps: int):
     arms = arm_rows(results, with_health=False, metrics=IFEVAL_METRICS)
     runs = [r for rs in results.values() for r in rs]
     base = {k: np.mean([r["reference"][k] for r in runs]) for k in ("score", "finished", "reward")}
-    c = make_config(names[0], steps=steps, out=args.out, task="ifeval", reduced=args.reduced)
+    c = config(names[0])
     header = (("The reduced 2-core CPU setting. " if args.reduced else "")
               + "Task `ifeval`, SmolLM2-135M-Instruct (its own reference, no SFT): every prompt online (p = 1), "
               f"{steps} updates of {c.batch_size} prompts (RMSprop lr {c.optim.learning_rate:g}, β {c.loss.beta:g}) "

@@ -69,18 +69,20 @@ IFEVAL_CONTRASTS = (
 METRICS = (("reward", True), ("kl", False), ("win_rate", True), ("distinct_2", True))
 IFEVAL_METRICS = (("score", True), ("finished", True)) + METRICS
 FRONTIER_ARMS = ("offline_dpo", "online_dpo", "sail_pr", "self_labelled_dpo", "sail_pp_revkl")
+DEFAULT_BETA = float(sail_config("offline_dpo").loss.beta)  # every arm's β unless its name says otherwise
 # The family's reward-KL frontier at p = 1: Nash-MD moves less per update than online DPO at equal β, so
-# only a β sweep says whether it is more conservative or worse (β = 0.1 reuses the family's arms).
+# only a β sweep says whether it is more conservative or worse (DEFAULT_BETA is the family's own arms).
 FAMILY_FRONTIER_ARMS = ("online_dpo", "nash_md")
 FAMILY_BETAS = "0.01,0.03,0.1,0.3"
 
 
 def arm_name(arm: str, p: float | None, beta: float | None = None) -> str:
-    """``arm`` at online fraction p (and β): e.g. ``sail_pr@p0.3@beta0.05``; ``arm`` may carry its β."""
+    """``arm`` at online fraction p (and β): e.g. ``sail_pr@p0.3@beta0.05``; ``arm`` may carry its β. At
+    DEFAULT_BETA the name has no β, so a β sweep's default point is the arm itself."""
     if "@beta" in arm:
         arm, beta = arm.split("@beta")[0], float(arm.split("@beta")[1])
     name = arm if p is None or ARMS[arm.removesuffix("_rm")][0] is None else f"{arm}@p{p:g}"
-    return name if beta is None else f"{name}@beta{beta:g}"
+    return name if beta is None or beta == DEFAULT_BETA else f"{name}@beta{beta:g}"
 
 
 def make_config(name: str, *, steps: int, out: str, task: str, gguf: str = "", reduced: bool = False):
