@@ -49,6 +49,22 @@ def _chunked_logsumexp(logits: jax.Array, chunk: int, inv_t: float) -> jax.Array
     return lse
 
 
+def masked_token_logprobs(
+    logits: jax.Array,
+    input_ids: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    temperature: float = 1.0,
+    vocab_chunk_size: int | None = None,
+) -> jax.Array:
+    """Per-token log-probs ``[b, t - 1]`` of ``input_ids[:, 1:]``, 0 off ``loss_mask[:, 1:]``: the terms
+    ``sequence_logprobs`` sums, for losses that weight tokens one by one (Nash-MD)."""
+    per_token = token_logprobs(
+        logits[:, :-1], input_ids[:, 1:], temperature=temperature, vocab_chunk_size=vocab_chunk_size
+    )
+    return per_token * loss_mask[:, 1:].astype(jnp.float32)
+
+
 def sequence_logprobs(
     logits: jax.Array,
     input_ids: jax.Array,
@@ -65,8 +81,7 @@ def sequence_logprobs(
     Returns:
       ``(logps [b], lengths [b])`` in float32; a row with an empty mask gets ``logps = 0``.
     """
-    per_token = token_logprobs(
-        logits[:, :-1], input_ids[:, 1:], temperature=temperature, vocab_chunk_size=vocab_chunk_size
+    tokens = masked_token_logprobs(
+        logits, input_ids, loss_mask, temperature=temperature, vocab_chunk_size=vocab_chunk_size
     )
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.sum(per_token * mask, axis=-1), jnp.sum(mask, axis=-1)
+    return jnp.sum(tokens, axis=-1), jnp.sum(loss_mask[:, 1:].astype(jnp.float32), axis=-1)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sail_jax.logprobs import sequence_logprobs, token_logprobs
+from sail_jax.logprobs import masked_token_logprobs, sequence_logprobs, token_logprobs
 from sail_jax.losses import check_loss_type, masked_mean, preference_loss, preference_metrics
 from sail_jax.sail_terms import TERMS, sail_terms
 from sail_jax.train import policy
@@ -139,14 +139,15 @@ def sail_batch_logps(model, batch, *, score_temperature: float = 1.0):
     response_mask = jnp.concatenate([batch["chosen_response_mask"], batch["rejected_response_mask"]], axis=0)
     ids, mask, loss_mask = join_prompt_response(prompt_ids, prompt_mask, response, response_mask)
     logits = model(ids, mask)
-    logps, lengths = sequence_logprobs(logits, ids, loss_mask)
+    tokens = masked_token_logprobs(logits, ids, loss_mask)
+    logps, lengths = jnp.sum(tokens, axis=-1), jnp.sum(loss_mask[:, 1:].astype(jnp.float32), axis=-1)
     t = float(score_temperature)
     score = sequence_logprobs(logits, ids, loss_mask, temperature=t)[0] if t != 1.0 else logps
     b = batch["prompt_ids"].shape[0]
-    if "ref_chosen_token_logps" in batch:
+    if "ref_chosen_token_logps" in batch:  # the chosen rows' response tokens, already computed above
         chosen_mask = batch["chosen_response_mask"]
-        tokens = response_token_logps(logits[:b], ids[:b], chosen_mask)
-        nash = nash_md_weighted_logps(tokens, batch["ref_chosen_token_logps"], chosen_mask)
+        response_tokens = tokens[:b, -chosen_mask.shape[1]:]
+        nash = nash_md_weighted_logps(response_tokens, batch["ref_chosen_token_logps"], chosen_mask)
     else:
         nash = jnp.zeros((b,), jnp.float32)
     return logps, score, lengths, nash

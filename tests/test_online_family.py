@@ -61,6 +61,41 @@ def test_nash_md_loss_and_its_gradient_equal_trls():
     np.testing.assert_allclose(np.asarray(grad) * mask, pol_t.grad.numpy() * mask, rtol=1e-5, atol=1e-6)
 
 
+def test_nash_md_term_reads_the_chosen_response_tokens_of_the_one_forward_pass():
+    """``sail_batch_logps`` takes Nash-MD's per-token log-probs from the same pass as the sequence
+    log-probs: on a model whose logits are a table of the previous token, its ``nash`` equals
+    Σ_t (log π(y_t) − log π_ref(y_t))·log π(y_t) over a direct log-softmax of each chosen response, and
+    its ``logps`` are those tokens' sums (left-padded prompts, right-padded responses)."""
+    import jax
+
+    from sail_jax.objectives import sail_batch_logps
+
+    rng = np.random.default_rng(0)
+    b, p, t, v = 3, 4, 5, 11
+    table = rng.normal(0, 2, (v, v)).astype(np.float32)
+    prompt_ids, prompt_mask = rng.integers(1, v, (b, p)), np.ones((b, p), np.int32)
+    prompt_ids[1, :2], prompt_mask[1, :2] = 0, 0
+    responses = {k: rng.integers(1, v, (b, t)) for k in ("chosen", "rejected")}
+    lengths = {"chosen": np.array([5, 3, 1]), "rejected": np.array([2, 5, 4])}
+    masks = {k: (np.arange(t)[None] < n[:, None]).astype(np.int32) for k, n in lengths.items()}
+    ref_tokens = (-rng.gamma(2.0, 1.0, (b, t)) * masks["chosen"]).astype(np.float32)
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "ref_chosen_token_logps": ref_tokens}
+    for k in responses:
+        batch[f"{k}_response"], batch[f"{k}_response_mask"] = responses[k] * masks[k], masks[k]
+    logps, _, seq_lengths, nash = sail_batch_logps(lambda ids, mask: jnp.asarray(table)[ids],
+                                                   {k: jnp.asarray(x) for k, x in batch.items()})
+
+    log_softmax = np.asarray(jax.nn.log_softmax(jnp.asarray(table)))  # row: the previous token
+    for j, kind in enumerate(("chosen", "rejected")):
+        for i in range(b):
+            n, y = lengths[kind][i], responses[kind][i]
+            tokens = log_softmax[np.concatenate([prompt_ids[i, -1:], y[:n - 1]]), y[:n]]
+            np.testing.assert_allclose(logps[j * b + i], tokens.sum(), rtol=1e-6)
+            assert seq_lengths[j * b + i] == n
+            if kind == "chosen":
+                np.testing.assert_allclose(nash[i], np.sum((tokens - ref_tokens[i, :n]) * tokens), rtol=1e-6)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_xpo_and_online_ipo_losses_equal_trls(loss_type):
     """TRL 1.13's ``XPOTrainer._compute_losses`` on token log-probs of the policy's and the reference's
