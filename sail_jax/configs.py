@@ -122,6 +122,9 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
     c.data.max_prompt_length = 12
     c.data.max_response_length = 12
     c.data.eval_kind = "preference"  # preference: held-out pairs (+ implicit-reward accuracy) | prompt
+    # preference: training pairs (every route) | prompt: prompts alone, for runs whose every row is
+    # sampled (p_pp + p_pr = 1, not SPIN); a built-in task then trains on its whole prompt pool
+    c.data.train_kind = "preference"
     c.task = ml_collections.ConfigDict({
         "name": "builtin",  # builtin | praise | ifeval (sail_jax.tasks; used when model.path is empty)
         "dir": "",  # where the task's model and preference data live (default workdir/task)

@@ -38,6 +38,14 @@ def draw_routes(key: jax.Array, n: int, *, p_dp: float, p_pp: float, p_pr: float
                       ROUTE_OFFLINE).astype(jnp.int32)
 
 
+def every_row_sampled(sail_cfg) -> bool:
+    """Every example takes the sampled route (PP/PR) and its pair comes from the samples alone: no
+    DP or offline rows, and not SPIN (whose chosen response is the dataset's). Then the online loop
+    needs prompts only (``data.train_kind=prompt``) and labelling skips the dataset pairs."""
+    p_dp, p_sampled = float(sail_cfg.p_dp), float(sail_cfg.p_pp) + float(sail_cfg.p_pr)
+    return p_dp == 0 and p_sampled >= 1 - 1e-9 and sail_cfg.get("opponent", "policy") != "data"
+
+
 def select_pairs(key: jax.Array, scores: jax.Array, method: str) -> tuple[jax.Array, jax.Array]:
     """Indices ``(a, b)`` ``[n]`` of two distinct samples to compare among each prompt's k."""
     n, k = scores.shape
@@ -77,7 +85,7 @@ def same_responses(tokens_a, mask_a, tokens_b, mask_b) -> jax.Array:
 
 def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None, reward, routes, keys: dict, *,
                        beta: float, num_samples: int, pair_selection: str, pp_label_mode: str, pr_label_mode: str,
-                       relabel_dp: bool, opponent: str = "policy", ref_token_logp=None):
+                       relabel_dp: bool, opponent: str = "policy", ref_token_logp=None, dataset_pairs: bool = True):
     """The online train batch from a batch of prompts with dataset pairs, the routes and the samples.
 
     ``policy_logp(p, pm, r, rm)`` / ``ref_logp(...)`` give log π(r|p) ``[n]`` (the models are closed over);
@@ -93,12 +101,21 @@ def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None,
     is the policy's sample and the rejected one the mixture's, whatever their rewards, with
     ``nash_probability`` = σ(r(y) − r(y')) and the reference's per-token log-probs of the policy's
     sample (``ref_token_logp(...) -> [n, T]``) as ``ref_chosen_token_logps``.
+
+    ``dataset_pairs=False`` (every row sampled: ``data.train_kind=prompt``, or p_pp + p_pr = 1): the
+    batch holds prompts only, and the dataset pairs' reference pass is skipped; every row's pair comes
+    from the samples, so the train batch equals the one with the pairs.
     """
     p, pm = batch["prompt_ids"], batch["prompt_mask"]
     b = p.shape[0]
+    if not dataset_pairs:
+        empty = jnp.zeros((b, samples["tokens"].shape[1]), jnp.int32)  # replaced row by row below
+        batch = {**batch, **{f"{s}_{suffix}": empty for s in ("chosen", "rejected")
+                             for suffix in ("response", "response_mask")},
+                 "ref_chosen_logps": jnp.zeros(b), "ref_rejected_logps": jnp.zeros(b)}
     out = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "chosen_response", "chosen_response_mask",
                                  "rejected_response", "rejected_response_mask")}
-    if "ref_chosen_logps" in batch:  # reference.precompute: read, not recomputed
+    if "ref_chosen_logps" in batch:  # reference.precompute (or no dataset pairs): read, not recomputed
         ref = {s: batch[f"ref_{s}_logps"] for s in ("chosen", "rejected")}
     else:
         ref = {s: ref_logp(p, pm, batch[f"{s}_response"], batch[f"{s}_response_mask"]) for s in ("chosen", "rejected")}

@@ -1,6 +1,6 @@
 """The SAIL online loop (../shared/SAIL.md): route -> sample -> label -> one jitted step -> log/eval.
 
-Per step, for a batch of prompts with their dataset pairs:
+Per step, for a batch of prompts with their dataset pairs (or prompts alone, when every row is sampled):
   1. route each example (offline / DP / PP / PR) with ``sail.p_dp/p_pp/p_pr``;
   2. PP/PR examples take k samples per prompt from the current policy (the jitted sampler), drawn in
      blocks of ``generation.interval`` batches, each batch used ``generation.reuse`` times;
@@ -31,7 +31,7 @@ from sail_jax.data.pipeline import train_iterator
 from sail_jax.distributed import global_array, to_host
 from sail_jax.driver import drive
 from sail_jax.evaluate import Evaluator, decode_responses, distinct_n, make_logp_fn
-from sail_jax.labeling import GEN_KEY, ROUTE_KEY, draw_routes, make_labeller, step_key
+from sail_jax.labeling import GEN_KEY, ROUTE_KEY, draw_routes, every_row_sampled, make_labeller, step_key
 from sail_jax.objectives import make_sail_objective, make_term_gradient_norms, response_logps
 from sail_jax.sail_terms import (ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood,
                                  update_running_baseline)
@@ -72,6 +72,7 @@ class OnlineLoop:
         self.beta = float(config.loss.beta)
         self.block_len = int(self.gen.interval) * int(self.gen.reuse)
         self.needs_samples = float(self.sail.p_pp) + float(self.sail.p_pr) > 0
+        self.dataset_pairs = not every_row_sampled(self.sail)  # else prompts are all the loop needs
         self.tx = make_optimizer(config.optim, config.steps)
         self.trainable, self.state, self.shardings = prepare(model, self.tx, mesh, config.lora, seed=config.seed)
         self.graphdef = self.trainable.graphdef
@@ -91,7 +92,7 @@ class OnlineLoop:
                              batch[f"{s}_response"], batch[f"{s}_response_mask"])[0] for s in ("chosen", "rejected")),
             batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=self.beta))
         self.baseline = RunningBaseline.init()
-        if config.reference.get("precompute", False):
+        if config.reference.get("precompute", False) and self.dataset_pairs:  # no pair's log-prob is read
             self._precompute_reference(train_arrays)
         # The whole global batch on every process: labelling is replicated, each process trains on its rows.
         self.prompts = train_iterator(train_arrays, config.batch_size, seed=config.seed)
@@ -179,7 +180,8 @@ class OnlineLoop:
         return make_labeller(self.graphdef, self.ref_graphdef, self.mesh, self.key, beta=self.beta,
                              num_samples=int(sail.num_samples), pair_selection=sail.pair_selection,
                              pp_label_mode=sail.pp_label_mode, pr_label_mode=sail.pr_label_mode,
-                             relabel_dp=float(sail.p_dp) > 0, opponent=sail.get("opponent", "policy"))
+                             relabel_dp=float(sail.p_dp) > 0, opponent=sail.get("opponent", "policy"),
+                             dataset_pairs=self.dataset_pairs)
 
     def label(self, step: int, batch: dict, samples: dict | None) -> tuple[dict, dict]:
         """The train batch (pair per example, per its route; global arrays on the mesh) and the labelling
@@ -190,6 +192,8 @@ class OnlineLoop:
         sampled = (routes == ROUTE_PP) | (routes == ROUTE_PR)
         if sampled.any() and samples is None:
             raise RuntimeError("PP/PR examples were routed but no samples were generated")
+        if not self.dataset_pairs and not sampled.all():
+            raise RuntimeError(f"routes {routes.tolist()}: with p_pp + p_pr = 1 every row must be sampled")
         metrics: dict[str, float] = {}
         k = int(self.sail.num_samples)
         reward = np.zeros((b, k), np.float32)
@@ -204,9 +208,9 @@ class OnlineLoop:
             reward[pr_rows] = scores.reshape(len(pr_rows), k)
             metrics["pr/sample_reward"] = float(scores.mean())
         sharding = batch_sharding(self.mesh)
-        rows = {key: batch[key] for key in ("prompt_ids", "prompt_mask", "chosen_response", "chosen_response_mask",
-                                            "rejected_response", "rejected_response_mask", "valid", *REF_KEYS)
-                if key in batch}
+        pairs = ("chosen_response", "chosen_response_mask", "rejected_response", "rejected_response_mask", *REF_KEYS)
+        keys = ("prompt_ids", "prompt_mask", "valid") + (pairs if self.dataset_pairs else ())
+        rows = {key: batch[key] for key in keys if key in batch}
         placed = lambda tree: jax.tree.map(lambda x: global_array(x, sharding), tree)  # noqa: E731
         sample_rows = None if samples is None else placed({"tokens": samples["tokens"], "mask": samples["mask"]})
         out, counts = self._labeller(self.policy_params(), self.ref_params, placed(rows), sample_rows,

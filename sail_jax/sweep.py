@@ -41,13 +41,23 @@ def run_config(make_config: Callable, variant: str, seed: int, **overrides):
     return config
 
 
+# Settings added after ledgers were written, with the value that asks for what runs before them did:
+# at that value they are left out of the fingerprint, so a new knob does not orphan finished runs.
+ADDED_SETTINGS = {"data.train_kind": "preference"}
+
+
 def config_fingerprint(config) -> str:
-    """A hash of everything a run's config sets except MACHINE_LOCAL_KEYS: two runs with the same
-    fingerprint were asked for the same thing (the code they ran is recorded beside it)."""
+    """A hash of everything a run's config sets except MACHINE_LOCAL_KEYS (and ADDED_SETTINGS at their
+    old behaviour): two runs with the same fingerprint were asked for the same thing (the code they
+    ran is recorded beside it)."""
     values = json.loads(config.to_json())
     for key in MACHINE_LOCAL_KEYS:
         section, name = key.split(".")
         values.get(section, {}).pop(name, None)
+    for key, old in ADDED_SETTINGS.items():
+        section, name = key.split(".")
+        if values.get(section, {}).get(name) == old:
+            values[section].pop(name)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -253,6 +253,17 @@ def validate_online_config(config) -> None:
     _require(config.data.get("eval_kind", "preference") in ("preference", "prompt"),
              f"config.data.eval_kind={config.data.get('eval_kind')!r} is unknown; valid: 'preference' (held-out "
              "pairs) or 'prompt' (held-out prompts only)")
+    train_kind = config.data.get("train_kind", "preference")
+    _require(train_kind in ("preference", "prompt"),
+             f"config.data.train_kind={train_kind!r} is unknown; valid: 'preference' (pairs) or 'prompt' (prompts "
+             "only, every row sampled)")
+    if train_kind == "prompt":
+        from sail_jax.labeling import every_row_sampled
+
+        _require(every_row_sampled(s),
+                 f"config.data.train_kind='prompt': prompts without pairs need every row sampled, but sail.p_dp="
+                 f"{s.p_dp}, p_pp={s.p_pp}, p_pr={s.p_pr}, opponent={opponent!r}; set p_pp + p_pr = 1 and p_dp = 0 "
+                 "(SPIN's opponent='data' needs pairs), or train on pairs (data.train_kind='preference')")
     _require(config.reward.kind in ("", *REWARD_KINDS),
              f"config.reward.kind={config.reward.kind!r} is unknown; valid: '' (the task's oracle) or "
              f"{list(REWARD_KINDS)}")

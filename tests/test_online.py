@@ -75,7 +75,8 @@ def loop(tiny_checkpoint, tmp_path_factory):
     return _online_loop(tiny_checkpoint, tmp_path_factory.mktemp("online"), (1, 1, 1))
 
 
-def _online_loop(tiny_checkpoint, tmp, mesh_shape, variant="sail_mixed", sail=None, **reference):
+def _online_loop(tiny_checkpoint, tmp, mesh_shape, variant="sail_mixed", sail=None, train_kind="preference",
+                 **reference):
     from sail_jax.data.pipeline import encode_online
     from sail_jax.data.records import Records
     from sail_jax.online import OnlineLoop
@@ -91,14 +92,17 @@ def _online_loop(tiny_checkpoint, tmp, mesh_shape, variant="sail_mixed", sail=No
     config.sail.update(sail or {})
     config.batch_size, config.eval_batch_size = 16, 16
     config.reference.update(reference)
+    config.data.train_kind = train_kind
     tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
     rows = synthetic_pairs(64)
     enc = encode_online(Records(rows), tokenizer, max_prompt_length=40, max_response_length=12)
+    train = encode_online(Records([{"prompt": r["prompt"]} for r in rows]), tokenizer, max_prompt_length=40,
+                          max_response_length=12, prompts_only=True) if train_kind == "prompt" else enc
     mesh = make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     # Reward: response length in tokens' characters, so PR labels are checkable and ties happen.
     reward = OracleReward(lambda prompt, response: float(len(response.split())))
     return OnlineLoop(config, model=load_pretrained(tiny_checkpoint), tokenizer=tokenizer, mesh=mesh,
-                      train_arrays=enc.arrays, train_prompts=[r["prompt"] for r in rows],
+                      train_arrays=train.arrays, train_prompts=[r["prompt"] for r in rows],
                       reward_source=reward, workdir=str(tmp),
                       evaluator_args={"prompts": [r["prompt"] for r in rows[:16]],
                                       "eval_arrays": {k: v[:16] for k, v in enc.arrays.items()}, "batch_size": 16})
@@ -177,6 +181,36 @@ def test_one_program_labeller_equals_the_host_labelling_it_replaced(tiny_checkpo
         assert out.keys() == expected.keys()
         for key in out:
             np.testing.assert_array_equal(out[key], expected[key], err_msg=key)
+
+
+@pytest.mark.parametrize("variant, sail", [("online_dpo", {}), ("self_labelled_dpo", {"p_pp": 1.0}),
+                                           ("nash_md", {})])
+def test_when_every_row_is_sampled_prompts_alone_give_the_same_train_batch(tiny_checkpoint, tmp_path, variant, sail):
+    """p_pp + p_pr = 1 (PR, PP, Nash-MD): the labeller skips the dataset pairs' reference pass, and a loop
+    given prompts alone (data.train_kind=prompt) labels the same train batch, bit for bit, as the labeller
+    that reads the pairs and replaces them row by row."""
+    pairs = _online_loop(tiny_checkpoint, tmp_path / "pairs", (1, 1, 1), variant=variant, sail=sail)
+    prompts = _online_loop(tiny_checkpoint, tmp_path / "prompts", (1, 1, 1), variant=variant, sail=sail,
+                           train_kind="prompt")
+    assert not pairs.dataset_pairs and not prompts.dataset_pairs
+    reading = _online_loop(tiny_checkpoint, tmp_path / "reading", (1, 1, 1), variant=variant, sail=sail)
+    reading.dataset_pairs = True
+    reading._labeller = reading._make_labeller()
+    for loop in (pairs, prompts, reading):
+        loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 1.05, loop.state.params))  # π != π_ref
+    block, prompt_block = pairs._generate_block(0), prompts._generate_block(0)
+    assert "chosen_response" in block.batches[0] and "chosen_response" not in prompt_block.batches[0]
+    for key in ("prompt_ids", "index", "valid"):
+        np.testing.assert_array_equal(prompt_block.batches[0][key], block.batches[0][key])
+    for key in ("tokens", "mask"):
+        np.testing.assert_array_equal(prompt_block.samples[0][key], block.samples[0][key])
+    for step in range(3):
+        expected, _ = _label(reading, step, block.batches[0], block.samples[0])
+        for loop, batch in ((pairs, block.batches[0]), (prompts, prompt_block.batches[0])):
+            out, _ = _label(loop, step, batch, block.samples[0])
+            assert out.keys() == expected.keys()
+            for key in out:
+                np.testing.assert_array_equal(out[key], expected[key], err_msg=key)
 
 
 def test_precomputed_reference_feeds_the_labeller_the_same_pairs(tiny_checkpoint, tmp_path):
@@ -400,6 +434,17 @@ def test_every_variant_config_validates():
     config.sail.p_pp, config.sail.p_pr = 0.8, 0.5
     with pytest.raises(ConfigError, match="sum to <= 1"):
         validate_online_config(config)
+    for name in ("online_dpo", "nash_md", "xpo", "online_ipo"):  # every row sampled: prompts alone will do
+        prompts = sail_config(name)
+        prompts.model.path, prompts.data.train_path, prompts.data.train_kind = REPO, config.data.train_path, "prompt"
+        validate_online_config(prompts)
+    for name, kind, match in (("sail_pp_revkl", "prompt", r"sail.p_dp=0.0, p_pp=0.3, p_pr=0.0.*set p_pp \+ p_pr = 1"),
+                              ("spin", "prompt", "SPIN's opponent='data' needs pairs"),
+                              ("online_dpo", "pairs", "train_kind='pairs' is unknown")):
+        bad = sail_config(name)
+        bad.model.path, bad.data.train_path, bad.data.train_kind = REPO, config.data.train_path, kind
+        with pytest.raises(ConfigError, match=match):
+            validate_online_config(bad)
 
 
 @pytest.mark.slow

@@ -144,17 +144,22 @@ def test_online_ipo_xpo_spin_and_nash_md_run_from_configs_and_learn(tmp_path):
     since each iteration's reference is the policy it starts from (its loss restarts at log 2). Nash-MD's
     loss is a score-function surrogate whose value need not fall: there the policy's sample must come
     to beat the mixture's (P > ½) and the oracle reward must rise. Each evaluation logs its completions
-    to completions.jsonl and TensorBoard."""
+    to completions.jsonl and TensorBoard. Online IPO trains on the task's prompts alone
+    (data.train_kind=prompt: all 256 of its training prompts, not only those with a pair)."""
     env = {**os.environ, "XLA_FLAGS": ""}
     small = ["--config.steps=30", "--config.eval_every=30", "--config.log_every=1", "--config.checkpoint.every=30",
              "--config.task.sft_steps=100", "--config.task.preference_train=256", "--config.task.preference_eval=32",
              f"--config.task.dir={tmp_path / 'task'}"]
     for name in ("online_ipo", "xpo", "spin", "nash_md"):
         workdir = tmp_path / name
+        prompts_only = ["--config.data.train_kind=prompt"] if name == "online_ipo" else []
         out = subprocess.run([sys.executable, "-m", "sail_jax.cli", f"--config=configs/{name}.py",
-                              f"--workdir={workdir}", *small], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=900)
+                              f"--workdir={workdir}", *small, *prompts_only], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
+        if prompts_only:
+            prompts = [json.loads(line) for line in open(tmp_path / "task" / "prompts_train.jsonl")]
+            assert len(prompts) == 256 and set(prompts[0]) == {"prompt"}
         train = [r for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"]
         losses = [r["loss"] for r in train]
         assert len(losses) == 30, (name, len(losses))

@@ -390,6 +390,13 @@ def test_a_ledger_carries_finished_runs_to_the_next_session_and_leaves_stale_one
     local.task.dir, local.model.path = "/elsewhere/task", "/elsewhere/model"
     assert sweep_module.config_fingerprint(local) == sweep_module.config_fingerprint(make("online_dpo"))
     assert sweep_module.config_fingerprint(make("online_dpo", lr=1e-4)) != sweep_module.config_fingerprint(local)
+    # A setting added after a ledger was written leaves its runs' fingerprints alone at its old behaviour.
+    before = make("online_dpo")
+    del before.data["train_kind"]
+    assert sweep_module.config_fingerprint(before) == sweep_module.config_fingerprint(local)
+    prompts = make("online_dpo")
+    prompts.data.train_kind = "prompt"
+    assert sweep_module.config_fingerprint(prompts) != sweep_module.config_fingerprint(local)
 
     def make_new_lr(variant):  # today's sweep changed sail_pr's learning rate: its run is stale
         return make(variant, lr=1e-4 if variant == "sail_pr" else 3e-4)

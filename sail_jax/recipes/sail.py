@@ -42,7 +42,8 @@ def run(config, workdir: str) -> dict:
     tokenizer = Tokenizer.from_pretrained(config.model.tokenizer_path or config.model.path)
     d = config.data
     encoded, records = {}, {}
-    for split, kind in (("train", "preference"), ("eval", d.get("eval_kind", "preference"))):
+    for split in ("train", "eval"):
+        kind = d.get(f"{split}_kind", "preference")
         records[split] = load_records(d, split, kind)
         encoded[split] = encode_online(records[split], tokenizer, max_prompt_length=d.max_prompt_length,
                                        max_response_length=d.max_response_length, on_error=d.get("on_error", "raise"),

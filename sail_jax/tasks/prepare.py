@@ -26,13 +26,14 @@ def write_jsonl(path: str, rows) -> str:
 
 
 def prepare_task(config, workdir: str) -> dict[str, str]:
-    """Build (or reuse) the files of ``config.task.name``: the policy folder, the offline preference
-    pairs, and the held-out set (pairs, or prompts alone when ``data.eval_kind`` is ``prompt``)."""
+    """Build (or reuse) the files of ``config.task.name``: the policy folder, the training set (the
+    offline preference pairs, or with ``data.train_kind=prompt`` every prompt they were sampled for),
+    and the held-out set (pairs, or prompts alone when ``data.eval_kind`` is ``prompt``)."""
     task = get_task(config.task.get("name", "builtin"))
     root = os.path.abspath(config.task.dir or os.path.join(workdir, "task"))
-    eval_kind = config.data.get("eval_kind", "preference")
-    paths = {"train": os.path.join(root, "preferences_train.jsonl"),
-             "eval": os.path.join(root, "preferences_eval.jsonl" if eval_kind == "preference" else "prompts_eval.jsonl")}
+    kinds = {split: config.data.get(f"{split}_kind", "preference") for split in ("train", "eval")}
+    paths = {split: os.path.join(root, f"{'preferences' if kind == 'preference' else 'prompts'}_{split}.jsonl")
+             for split, kind in kinds.items()}
     model_config = os.path.join(root, task.MODEL_DIR, "config.json")
     if jax.process_count() > 1 and not all(map(os.path.exists, [model_config, *paths.values()])):
         raise UserError(f"task files in {root} are missing and a multi-process run cannot build them: build them "
@@ -45,8 +46,8 @@ def prepare_task(config, workdir: str) -> dict[str, str]:
         if os.path.exists(paths[split]):
             continue  # each file is written whole or not at all (see write_jsonl)
         n, seed = (config.task.preference_train, 1) if split == "train" else (config.task.preference_eval, 2)
-        say(f"task: {'held-out' if split == 'eval' else 'offline'} set from {n} prompts")
-        if split == "eval" and eval_kind == "prompt":
+        say(f"task: {'held-out' if split == 'eval' else 'training'} set from {n} prompts")
+        if kinds[split] == "prompt":
             rows = [{"prompt": p} for p in task.prompts(n, seed=100 + seed, split=split)]
         else:
             rows = oracle_labelled_pairs(load_pretrained(paths["model"]), Tokenizer.from_pretrained(paths["model"]),
