@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import left_padded_batch, random_hf_model, torch_logits
-from sail_jax.models import load_pretrained, save_pretrained
+from sail_jax.models import load_pretrained
 from sail_jax.models.gguf import GGUFError, bundled_smollm2, convert_gguf, unpermute_qk
 from sail_jax.sampling import generate
 from sail_jax.tokenization import Tokenizer, pad_left, train_bpe_tokenizer
