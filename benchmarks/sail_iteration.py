@@ -3,8 +3,9 @@ ratios measured side by side in one run:
 
 - the labelling program (``labeling.make_labeller``, exactly what ``OnlineLoop`` runs) against its
   floor, one policy forward and one reference forward over the k samples of every prompt, with the
-  dataset pairs' reference log-probs computed in the program and read from the batch
-  (``reference.precompute``);
+  dataset pairs' reference log-probs computed in the program, read from the batch
+  (``reference.precompute``), and not needed at all when every row is sampled (p = 1: the program
+  without the dataset pairs, as ``OnlineLoop`` builds it then);
 - SAIL's train step against the DPO step on the same labelled batch (the same objective with SAIL's
   coefficients ρ, λ, γ and RevKL's α at zero): the paper's "minimal overhead" claim.
 
@@ -28,6 +29,7 @@ from flax import nnx
 
 from sail_jax.configs import sail_config
 from sail_jax.labeling import draw_routes, make_labeller
+from sail_jax.sail_terms import ROUTE_PP
 from sail_jax.models import build_model
 from sail_jax.objectives import make_sail_objective, response_logps
 from sail_jax.optim import make_optimizer
@@ -67,10 +69,12 @@ def bench(name: str, prompts: int, samples: int, prompt_len: int, response_len: 
 
     times = {"generation": median_time(sample, repeats)}
     sail = config.sail
-    labeller = make_labeller(trainable.graphdef, ref_graphdef, mesh, jax.random.key(0),
-                             beta=float(config.loss.beta), num_samples=samples,
-                             pair_selection=sail.pair_selection, pp_label_mode=sail.pp_label_mode,
-                             pr_label_mode=sail.pr_label_mode, relabel_dp=False)
+    labellers = {pairs: make_labeller(trainable.graphdef, ref_graphdef, mesh, jax.random.key(0),
+                                      beta=float(config.loss.beta), num_samples=samples,
+                                      pair_selection=sail.pair_selection, pp_label_mode=sail.pp_label_mode,
+                                      pr_label_mode=sail.pr_label_mode, relabel_dp=False, dataset_pairs=pairs)
+                 for pairs in (True, False)}
+    labeller = labellers[True]
     routes = np.asarray(draw_routes(jax.random.key(1), prompts, p_dp=0.0, p_pp=float(sail.p_pp), p_pr=0.0))
     placed = shard_batch(batch, mesh)
     inputs = (trainable.states(state.params), ref_params, placed, box["samples"],
@@ -87,6 +91,10 @@ def bench(name: str, prompts: int, samples: int, prompt_len: int, response_len: 
     inputs_cached = (inputs[0], inputs[1], with_ref, *inputs[3:])
     times["labelling, reference.precompute"] = median_time(
         lambda: jax.block_until_ready(labeller(*inputs_cached)[0]), repeats)
+    prompts_only = {key: placed[key] for key in ("prompt_ids", "prompt_mask", "valid")}
+    every_row = (*inputs[:2], prompts_only, *inputs[3:5], np.full(prompts, ROUTE_PP, np.int32), 0)
+    times["labelling, every row sampled"] = median_time(
+        lambda: jax.block_until_ready(labellers[False](*every_row)[0]), repeats)
     logp = jax.jit(lambda graphdef, states, *rows: response_logps(nnx.merge(graphdef, *states), *rows)[0],
                    static_argnums=0)
     rows = (np.repeat(batch["prompt_ids"], samples, 0), np.repeat(batch["prompt_mask"], samples, 0),
@@ -132,7 +140,7 @@ def main():
     for part in ("generation", "labelling", "train step (SAIL)"):
         print(f"| {part} | {t[part]:.3f} | {t[part] / iteration:.0%} |")
     print(f"\nlabelling vs its floor (one policy + one reference forward over the samples, {t['labelling floor']:.3f} s):")
-    for key in ("labelling", "labelling, reference.precompute"):
+    for key in ("labelling", "labelling, reference.precompute", "labelling, every row sampled"):
         print(f"  {key}: {t[key]:.3f} s, {t[key] / t['labelling floor']:.2f}x")
     print(f"SAIL train step {t['train step (SAIL)']:.3f} s vs the DPO step on the same batch (SAIL's "
           f"coefficients 0) {t['train step (DPO)']:.3f} s: {t['train step (SAIL)'] / t['train step (DPO)']:.3f}x")
