@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sail_jax.data.packing import is_packed, packed_logits, packed_sequence_sums
 from sail_jax.logprobs import masked_token_logprobs, sequence_logprobs, token_logprobs
 from sail_jax.losses import check_loss_type, masked_mean, preference_loss, preference_metrics
 from sail_jax.sail_terms import TERMS, sail_terms
@@ -27,19 +28,30 @@ def _pair_batch(batch):
 
 
 def pair_logps(model, batch):
-    """``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[b]``."""
-    ids, mask, loss_mask = _pair_batch(batch)
-    logps, lengths = sequence_logprobs(model(ids, mask), ids, loss_mask)
-    b = batch["chosen_input_ids"].shape[0]
+    """``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[b]``; from the
+    right-padded rows, or from packed ones (``sail_jax.data.packing``)."""
+    b = batch["valid"].shape[0]
+    if is_packed(batch):
+        ids, loss_mask = batch["packed_input_ids"], batch["packed_loss_mask"]
+        tokens = masked_token_logprobs(packed_logits(model, batch), ids, loss_mask)
+        logps = packed_sequence_sums(tokens, batch, 2 * b)
+        lengths = packed_sequence_sums(loss_mask[:, 1:].astype(jnp.float32), batch, 2 * b)
+    else:
+        ids, mask, loss_mask = _pair_batch(batch)
+        logps, lengths = sequence_logprobs(model(ids, mask), ids, loss_mask)
     return logps[:b], logps[b:], lengths[:b], lengths[b:]
 
 
 def sft_objective(model, batch, frozen, rng):
-    """Mean negative log-likelihood per response token."""
+    """Mean negative log-likelihood per response token (right-padded or packed rows)."""
     del frozen, rng
-    ids = batch["input_ids"]
-    logp = token_logprobs(model(ids, batch["attention_mask"])[:, :-1], ids[:, 1:])
-    mask = (batch["loss_mask"][:, 1:] * batch["valid"][:, None]).astype(jnp.float32)
+    if is_packed(batch):  # every packed token belongs to a real row: no valid mask to apply
+        ids, logits, mask = batch["packed_input_ids"], packed_logits(model, batch), batch["packed_loss_mask"]
+    else:
+        ids = batch["input_ids"]
+        logits, mask = model(ids, batch["attention_mask"]), batch["loss_mask"] * batch["valid"][:, None]
+    logp = token_logprobs(logits[:, :-1], ids[:, 1:])
+    mask = mask[:, 1:].astype(jnp.float32)
     tokens = jnp.sum(mask)
     nll = -jnp.sum(logp * mask) / jnp.maximum(tokens, 1.0)
     return nll, {"nll": nll, "perplexity": jnp.exp(nll), "tokens": tokens}

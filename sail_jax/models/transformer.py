@@ -267,16 +267,26 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config=config)
         self.config = config
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """``input_ids, attention_mask [b, t]`` -> hidden states ``[b, t, d]`` (no cache)."""
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids, dtype=jnp.bool_)
-        valid = attention_mask.astype(jnp.bool_)
-        positions = _positions(valid, offset=0)
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """``input_ids, attention_mask [b, t]`` -> hidden states ``[b, t, d]`` (no cache).
+
+        ``segment_ids [b, t]`` (packed rows: several sequences per row, 1, 2, ... and 0 on padding;
+        it replaces ``attention_mask``): positions restart at each segment and no token attends
+        across segments, so each sequence gets the logits it would get alone."""
+        if segment_ids is not None:
+            valid = segment_ids > 0
+            positions = _segment_positions(segment_ids)
+        else:
+            valid = (jnp.ones_like(input_ids) if attention_mask is None else attention_mask).astype(jnp.bool_)
+            positions = _positions(valid, offset=0)
         slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
 
         def mask_fn(window):
-            return make_attention_mask(positions, positions, slots, slots, valid, window)
+            allowed = make_attention_mask(positions, positions, slots, slots, valid, window)
+            if segment_ids is not None:
+                allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            return allowed
 
         x = self.embed_tokens(input_ids)
         inv_freq = rope_inv_freq(self.config)
@@ -317,6 +327,14 @@ class Transformer(nnx.Module):
 
 
 
+def _segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Each token's position inside its segment (packed rows): its slot minus its segment's first slot."""
+    slots = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], jnp.bool_),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return (slots - jax.lax.cummax(jnp.where(starts, slots, 0), axis=1)).astype(jnp.int32)
+
+
 def _positions(valid: jax.Array, offset) -> jax.Array:
     """Position of each token = number of real tokens before it (+ offset); padding gets clipped values."""
     return jnp.maximum(offset + jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32)
@@ -341,8 +359,9 @@ class CausalLM(nnx.Module):
             logits = self.lm_head(hidden)
         return logits.astype(jnp.float32)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        return self.logits(self.model(input_ids, attention_mask))
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.model(input_ids, attention_mask, segment_ids))
 
     def extend(self, input_ids, attention_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Cached forward: logits ``[b, t, vocab]`` of the appended tokens and the updated cache."""
