@@ -103,7 +103,7 @@ def _admit(config, workdir: str, lock) -> str | None:
 
 
 def _train(config, workdir: str) -> None:
-    from sail_jax import distributed
+    from sail_jax import compile_cache, distributed
     from sail_jax.errors import UserError
     from sail_jax.recipes import get_recipe
     from sail_jax.validation import validate_config
@@ -111,6 +111,7 @@ def _train(config, workdir: str) -> None:
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
     validate_config(config)  # the whole config, before any task is built or model loaded
+    compile_cache.enable(config.get("compilation_cache", ""))
     lock = WorkdirLock(workdir)
     try:
         # Process 0 decides (its workdir holds the lock and the summary) and tells the others.

@@ -47,6 +47,19 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
         "on_error": "raise",  # raise | skip (skipped rows are counted and logged)
         "max_prompt_length": 64,
         "max_length": 128,
+        # Each batch is cut to the smallest length bucket that holds its longest row before a jitted step
+        # (one compile per bucket): pow2 (powers of two) | none (always the caps) | N (multiples of N),
+        # never under bucket_min.
+        "buckets": "pow2",
+        "bucket_min": 16,
+        "shuffle": True,  # False: rows in the file's order, every epoch
+        # rows of similar length share a batch (sorted within shuffled windows of group_window batches):
+        # less padding per batch, at the price of batches less mixed
+        "group_by_length": False,
+        "group_window": 64,
+        # SFT / DPO training batches: pack the batch's sequences into a few rows (several per row, attention
+        # kept inside each), paying for the tokens the batch has instead of rows x its longest row
+        "packing": False,
     })
     c.loss = ml_collections.ConfigDict({"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0})
     c.optim = ml_collections.ConfigDict({
@@ -82,6 +95,8 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
     c.logging = ml_collections.ConfigDict({"wandb": False, "wandb_project": "sail-jax", "wandb_entity": "",
                                            "wandb_name": ""})
     c.export = True
+    # JAX's persistent compilation cache (sail_jax.compile_cache): "" a per-user folder, "off", or a folder
+    c.compilation_cache = ""
     return c
 
 

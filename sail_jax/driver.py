@@ -130,22 +130,24 @@ def drive(trainer: Trainer, config, workdir: str, *, desc: str,
             logger.write(0, values, split=split)
     last: dict[str, float] | None = None
     bar = tqdm(total=steps, initial=start, disable=jax.process_index() != 0, desc=desc, dynamic_ncols=True)
-    t0 = time.time()
+    clock = StepClock(start)
     pending = None  # a stop agreed on at a step where the trainer cannot checkpoint
     with StopSignals() as signals:
         for step in range(start, steps):
             metrics = trainer.step(step)
             done = step + 1
             if done % config.log_every == 0 or done == steps:
-                values = logger.write(done, {**metrics, "steps_per_second": (done - start) / (time.time() - t0)})
+                values = logger.write(done, {**metrics, **clock.lap(done, metrics)})
                 bar.set_postfix(_train_postfix(values))
             if done % config.eval_every == 0 or done == steps:
+                clock.pause(trainer.state)
                 last = trainer.evaluate()
                 if last:
                     last = logger.write(done, last, split="eval")
                     bar.set_postfix(_eval_postfix(last))
                 if hasattr(trainer, "completions"):
                     logger.write_completions(done, trainer.completions())
+                clock.resume()
             pending = signals.requested(done) or pending
             stop = pending if getattr(trainer, "can_checkpoint", lambda _: True)(done) else None  # else: later
             final = done == steps and config.checkpoint.get("final", True)
@@ -162,6 +164,38 @@ def drive(trainer: Trainer, config, workdir: str, *, desc: str,
     if last is None:  # nothing was left to train (a finished run resumed): evaluate what it ended with
         last = trainer.evaluate()
     return last
+
+
+class StepClock:
+    """Honest step times under asynchronous dispatch: a step's outputs are waited for
+    (``block_until_ready``) before the clock reads, at logged steps only (between them the host runs
+    ahead of the device, as it should). ``time/step_seconds`` is the mean wall time per step since the
+    last logged step, evaluations left out; ``steps_per_second`` is the run's mean so far."""
+
+    def __init__(self, start: int):
+        self.start, self.last_step = start, start
+        self.t0 = self.mark = time.perf_counter()
+        self.paused = self.paused_total = 0.0
+        self._pause_at: float | None = None
+
+    def lap(self, done: int, outputs) -> dict[str, float]:
+        jax.block_until_ready(outputs)
+        now = time.perf_counter()
+        out = {"steps_per_second": (done - self.start) / max(now - self.t0 - self.paused_total, 1e-9)}
+        if "time/step_seconds" not in outputs:  # the online loop times its own steps (with generation)
+            out["time/step_seconds"] = (now - self.mark - self.paused) / max(done - self.last_step, 1)
+        self.mark, self.last_step, self.paused = now, done, 0.0
+        return out
+
+    def pause(self, state) -> None:
+        """Before an evaluation: the steps it follows finish first, on the clock."""
+        jax.block_until_ready(state)
+        self._pause_at = time.perf_counter()
+
+    def resume(self) -> None:
+        spent = time.perf_counter() - self._pause_at
+        self.paused += spent
+        self.paused_total += spent
 
 
 def _train_postfix(values: dict[str, float]) -> dict[str, str]:

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sail_jax.data.buckets import NO_BUCKETS, Buckets, trim
 from sail_jax.distributed import global_array, to_host
 from sail_jax.losses import preference_metrics
 from sail_jax.objectives import response_logps
@@ -88,8 +89,9 @@ class Evaluator:
     ``reference`` is ``(graphdef, params)`` of the reference policy (with LoRA: the base's own graph)."""
 
     def __init__(self, graphdef, reference, *, prompts, eval_arrays, reward_source, tokenizer, gen_cfg,
-                 beta: float, batch_size: int, seed: int, missing_eos_penalty: float = 0.0, mesh=None):
-        self.prompts, self.arrays = prompts, eval_arrays
+                 beta: float, batch_size: int, seed: int, missing_eos_penalty: float = 0.0, mesh=None,
+                 buckets: Buckets = NO_BUCKETS):
+        self.prompts, self.arrays, self.buckets = prompts, eval_arrays, buckets
         self.reward_source, self.tokenizer, self.gen_cfg = reward_source, tokenizer, gen_cfg
         self.beta, self.batch_size, self.penalty = beta, batch_size, missing_eos_penalty
         self.policy = (graphdef, make_logp_fn(graphdef, mesh))
@@ -117,11 +119,13 @@ class Evaluator:
         out = {"tokens": [], "mask": [], "finished": [], "logp": [], "ref_logp": []}
         chunks = list(self._chunks())
         for c, (idx, keep) in enumerate(bar(chunks, f"evaluating on {len(self.prompts)} held-out prompts")):
-            p, pm = self.arrays["prompt_ids"][idx], self.arrays["prompt_mask"][idx]
+            p, pm = self._rows(idx, "prompt_ids", "prompt_mask")
             s = generate(model, p, pm, jax.random.fold_in(key, c), max_new_tokens=self.gen_cfg.max_new_tokens,
                          temperature=1.0, eos_ids=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
                          batch_sharding=self.sampling_sharding)
             tokens, mask, finished = (np.asarray(to_host(x)) for x in (s.tokens, s.mask, s.finished))
+            width = self.buckets.length(int(mask.sum(1).max()), tokens.shape[1])
+            tokens, mask = tokens[:, :width], mask[:, :width]  # what the log-prob passes read
             out["tokens"].append(tokens[:keep])
             out["mask"].append(mask[:keep])
             out["finished"].append(finished[:keep])
@@ -160,13 +164,17 @@ class Evaluator:
 
     def _pair_logps(self, logp, params) -> dict[str, np.ndarray]:
         """log π(response | prompt) of each held-out pair's chosen and rejected response."""
-        a = self.arrays
         out = {}
         for side in ("chosen", "rejected"):
-            args = (a["prompt_ids"], a["prompt_mask"], a[f"{side}_response"], a[f"{side}_response_mask"])
-            out[side] = np.concatenate([logp(params, *(x[idx] for x in args))[:keep]
+            fields = ("prompt_ids", "prompt_mask", f"{side}_response", f"{side}_response_mask")
+            out[side] = np.concatenate([logp(params, *self._rows(idx, *fields))[:keep]
                                         for idx, keep in self._chunks()])
         return out
+
+    def _rows(self, idx, *fields) -> list[np.ndarray]:
+        """``fields`` of the held-out rows ``idx``, cut to their length buckets."""
+        rows = trim({k: self.arrays[k][idx] for k in fields}, self.buckets)
+        return [rows[k] for k in fields]
 
     def _heldout_pairs(self, logp, params) -> dict[str, float]:
         pol, ref = self._pair_logps(logp, params), self.reference_pair_logps

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sail_jax.data.buckets import Buckets, ShapeLog, pad_right
 from sail_jax.data.pipeline import train_iterator
 from sail_jax.distributed import global_array, to_host
 from sail_jax.driver import drive
@@ -92,16 +93,22 @@ class OnlineLoop:
                              batch[f"{s}_response"], batch[f"{s}_response_mask"])[0] for s in ("chosen", "rejected")),
             batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=self.beta))
         self.baseline = RunningBaseline.init()
+        self.buckets, self.shapes = Buckets.from_config(config.data), ShapeLog()
         if config.reference.get("precompute", False) and self.dataset_pairs:  # no pair's log-prob is read
             self._precompute_reference(train_arrays)
         # The whole global batch on every process: labelling is replicated, each process trains on its rows.
-        self.prompts = train_iterator(train_arrays, config.batch_size, seed=config.seed)
+        d = config.data
+        self.prompts = train_iterator(train_arrays, config.batch_size, seed=config.seed, buckets=self.buckets,
+                                      shuffle=d.shuffle, group_by_length=d.group_by_length,
+                                      group_window=d.group_window)
         self.reward_source = reward_source
         self.train_prompts = train_prompts  # record prompts by row, for reward sources that read text
         self.key = jax.random.key(config.seed)
         self._labeller = self._make_labeller()
         self.block: Block | None = None
         self.seconds = {"generation": 0.0, "steps": 0.0}  # totals of this process's run, for summaries
+        self._since_log = {"generation": 0.0, "steps": 0.0, "count": 0}
+        self._last_end, self._evaluating = None, 0.0  # when the last step ended; evaluation seconds since
         self.evaluator = Evaluator(self.graphdef, (self.ref_graphdef, self.ref_params), reward_source=eval_reward_source or reward_source,
                                    tokenizer=tokenizer, gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
                                    missing_eos_penalty=float(config.reward.missing_eos_penalty), mesh=mesh,
@@ -117,7 +124,7 @@ class OnlineLoop:
 
         attach_reference_logps(arrays, pair, batch_size=int(self.config.eval_batch_size), mesh=self.mesh,
                                cache_path=os.path.join(self.workdir, "reference_logps_train.npz"),
-                               desc="reference log-probs (train pairs)")
+                               desc="reference log-probs (train pairs)", buckets=self.buckets)
 
     def _score_temperature(self) -> float:
         """S's (and RevKL's) log-probs follow the sampling temperature; the released code used temperature 1."""
@@ -142,9 +149,10 @@ class OnlineLoop:
             for i, batch in enumerate(batches):
                 t0 = time.time()
                 ids, mask, finished = self._sample(model, batch, self._key(GEN_KEY, step * 1000 + i))
-                pad = int(self.config.data.max_response_length) - ids.shape[1]  # the batch layout's width
-                s = {"tokens": np.pad(ids, ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_id),
-                     "mask": np.pad(mask, ((0, 0), (0, pad))), "finished": finished}
+                # the response width: the bucket of the longest sample (label() widens it to the pairs')
+                width = self.buckets.length(int(mask.sum(1).max()), int(self.config.data.max_response_length))
+                s = {"tokens": pad_right(ids, width, self.tokenizer.pad_id), "mask": pad_right(mask, width),
+                     "finished": finished}
                 seconds += time.time() - t0
                 tokens += int(s["mask"].sum())
                 samples.append(s)
@@ -211,11 +219,18 @@ class OnlineLoop:
         pairs = ("chosen_response", "chosen_response_mask", "rejected_response", "rejected_response_mask", *REF_KEYS)
         keys = ("prompt_ids", "prompt_mask", "valid") + (pairs if self.dataset_pairs else ())
         rows = {key: batch[key] for key in keys if key in batch}
+        if samples is not None and self.dataset_pairs:  # one response width for the pairs and the samples
+            width = max(samples["tokens"].shape[1], rows["chosen_response"].shape[1])
+            samples = {**samples, "tokens": pad_right(samples["tokens"], width, self.tokenizer.pad_id),
+                       "mask": pad_right(samples["mask"], width)}
+            rows.update({k: pad_right(rows[k], width, self.tokenizer.pad_id if k.endswith("response") else 0)
+                         for k in pairs[:4]})
         placed = lambda tree: jax.tree.map(lambda x: global_array(x, sharding), tree)  # noqa: E731
         sample_rows = None if samples is None else placed({"tokens": samples["tokens"], "mask": samples["mask"]})
         out, counts = self._labeller(self.policy_params(), self.ref_params, placed(rows), sample_rows,
                                      placed(reward), placed(routes.astype(np.int32)), step)
         counts = {name: int(v) for name, v in jax.device_get(counts).items()}
+        metrics.update(self.shapes.metrics(out))
         if counts["dp_rows"] and "dp_swaps" in counts:
             metrics["labels/dp_flip_rate"] = counts["dp_swaps"] / counts["dp_rows"]
         if counts["sampled_rows"] and "ties_dropped" in counts:
@@ -226,7 +241,9 @@ class OnlineLoop:
 
     # ------------------------------------------------------------------ the loop
     def step(self, step: int) -> dict[str, float]:
-        t0 = time.time()
+        # A step's time runs from the end of the previous one (the driver's logging and checkpoints
+        # between them included, evaluations not), so the steps' times add up to the run's.
+        t0 = time.time() if self._last_end is None else self._last_end
         if self.block is None or step % self.block_len == 0:
             self.block = self._generate_block(step)
         index = (step % self.block_len) // int(self.gen.reuse)
@@ -241,12 +258,21 @@ class OnlineLoop:
             metrics.update(self.term_gradient_norms(self.state.params, placed, frozen))
         self.state, step_metrics = self.train_step(self.state, placed, frozen)
         self._maybe_sync_reference(step + 1)
-        elapsed = time.time() - t0
-        gen_share = self.block.gen_seconds if step % self.block_len == 0 else 0.0
-        self.seconds["generation"] += gen_share
-        self.seconds["steps"] += elapsed
-        metrics.update({"buffer/staleness": float(step - self.block.step), "time/step_seconds": elapsed,
-                        "gen/time_share": gen_share / elapsed if elapsed else 0.0})
+        jax.block_until_ready(step_metrics)  # the clock stops when the step has run, not when it was dispatched
+        self._last_end = time.time()
+        elapsed, self._evaluating = self._last_end - t0 - self._evaluating, 0.0
+        gen_seconds = self.block.gen_seconds if step % self.block_len == 0 else 0.0
+        for totals in (self.seconds, self._since_log):
+            totals["generation"] += gen_seconds
+            totals["steps"] += elapsed
+        self._since_log["count"] += 1
+        # Over the steps since the last logged one (the driver logs only every log_every-th step's metrics).
+        interval = self._since_log
+        metrics.update({"buffer/staleness": float(step - self.block.step),
+                        "time/step_seconds": interval["steps"] / interval["count"],
+                        "gen/time_share": interval["generation"] / max(interval["steps"], 1e-9)})
+        if (step + 1) % int(self.config.log_every) == 0 or step + 1 == int(self.config.steps):
+            self._since_log = {"generation": 0.0, "steps": 0.0, "count": 0}
         if self.block.gen_seconds:
             metrics["gen/tokens_per_second"] = self.block.gen_tokens / self.block.gen_seconds
         if self.block.distinct_2 is not None:
@@ -288,7 +314,10 @@ class OnlineLoop:
                             "from the initial policy on resume")
 
     def evaluate(self) -> dict[str, float]:
-        return self.evaluator(self.policy_params())
+        t0 = time.time()
+        metrics = self.evaluator(self.policy_params())
+        self._evaluating += time.time() - t0
+        return metrics
 
     def completions(self) -> list[dict]:
         """The latest evaluation's first ``log_completions`` prompts with the reference's and the

@@ -13,6 +13,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from sail_jax.data.buckets import NO_BUCKETS, Buckets
 from sail_jax.data.pipeline import eval_batches
 from sail_jax.progress import bar
 from sail_jax.sharding import shard_batch
@@ -21,10 +22,10 @@ KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def attach_reference_logps(arrays: dict[str, np.ndarray], logps: Callable, *, batch_size: int, mesh,
-                           cache_path: str, desc: str) -> None:
+                           cache_path: str, desc: str, buckets: Buckets = NO_BUCKETS) -> None:
     """Adds ``ref_chosen_logps``/``ref_rejected_logps`` ``[n]`` to ``arrays``: read from ``cache_path``
     when it holds as many rows, else computed with ``logps(batch) -> (chosen, rejected)`` (jitted, on
-    ``mesh``) over every row in order and written there (by process 0)."""
+    ``mesh``) over every row in order, in batches cut to ``buckets``, and written there (by process 0)."""
     n = len(arrays["valid"])
     if os.path.exists(cache_path):
         with np.load(cache_path) as f:
@@ -32,7 +33,7 @@ def attach_reference_logps(arrays: dict[str, np.ndarray], logps: Callable, *, ba
                 arrays[KEYS[0]], arrays[KEYS[1]] = f["chosen"], f["rejected"]
                 return
     chosen, rejected = [], []
-    for batch in bar(eval_batches(arrays, batch_size), desc):
+    for batch in bar(eval_batches(arrays, batch_size, buckets=buckets), desc):
         c, r = logps(shard_batch(batch, mesh))
         chosen.append(np.asarray(c))
         rejected.append(np.asarray(r))

@@ -22,6 +22,9 @@ import jax
 import numpy as np
 from scipy import stats
 
+from sail_jax import compile_cache
+
+
 def mean_ci(values):
     """Mean and the half-width of its 95% confidence interval (Student t; nan for one value)."""
     values = np.asarray(values, np.float64)
@@ -31,7 +34,7 @@ def mean_ci(values):
 
 
 # Config fields that name files on the machine that ran: they differ between machines, not between runs.
-MACHINE_LOCAL_KEYS = ("task.dir", "task.gguf", "model.path", "reward.path")
+MACHINE_LOCAL_KEYS = ("task.dir", "task.gguf", "model.path", "reward.path", "compilation_cache")
 
 
 def run_config(make_config: Callable, variant: str, seed: int, **overrides):
@@ -43,7 +46,9 @@ def run_config(make_config: Callable, variant: str, seed: int, **overrides):
 
 # Settings added after ledgers were written, with the value that asks for what runs before them did:
 # at that value they are left out of the fingerprint, so a new knob does not orphan finished runs.
-ADDED_SETTINGS = {"data.train_kind": "preference"}
+ADDED_SETTINGS = {"data.train_kind": "preference", "data.buckets": "pow2", "data.bucket_min": 16,
+                  "data.shuffle": True, "data.group_by_length": False, "data.group_window": 64,
+                  "data.packing": False}
 
 
 def config_fingerprint(config) -> str:
@@ -51,13 +56,21 @@ def config_fingerprint(config) -> str:
     old behaviour): two runs with the same fingerprint were asked for the same thing (the code they
     ran is recorded beside it)."""
     values = json.loads(config.to_json())
+
+    def parent(key):  # the dict holding a dotted key's last part, and that part
+        *sections, name = key.split(".")
+        node = values
+        for section in sections:
+            node = node.get(section, {})
+        return node, name
+
     for key in MACHINE_LOCAL_KEYS:
-        section, name = key.split(".")
-        values.get(section, {}).pop(name, None)
+        node, name = parent(key)
+        node.pop(name, None)
     for key, old in ADDED_SETTINGS.items():
-        section, name = key.split(".")
-        if values.get(section, {}).get(name) == old:
-            values[section].pop(name)
+        node, name = parent(key)
+        if node.get(name) == old:
+            node.pop(name)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -104,10 +117,7 @@ def use_compile_cache(out: str) -> str:
     bit-identical). Returns the folder."""
     path = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(out), "jax_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-    return path
+    return compile_cache.enable(path)
 
 
 def prepare_shared_task(make_config: Callable, variant: str, out: str) -> None:

@@ -9,6 +9,7 @@ import re
 
 import jax
 
+from sail_jax.data.buckets import Buckets
 from sail_jax.data.pipeline import SOURCES
 from sail_jax.data.records import ON_ERROR
 from sail_jax.errors import UserError
@@ -112,7 +113,7 @@ def _validate_paths(config, *, data: bool) -> None:
     """Every file or folder the config names exists (data files only where the user gives them)."""
     d = config.data
     _require(d.source in SOURCES, f"config.data.source={d.source!r} is unknown; valid: {list(SOURCES)}")
-    _validate_on_error(d)
+    _validate_data_options(d)
     if data and d.source == "jsonl":
         _require(bool(d.train_path), "config.data.train_path is empty: set it to a JSONL file of training records")
         for key in ("train_path", "eval_path"):
@@ -121,9 +122,14 @@ def _validate_paths(config, *, data: bool) -> None:
                      remote_ok=True)
 
 
-def _validate_on_error(data) -> None:
+def _validate_data_options(data) -> None:
+    """on_error and the batching keys (buckets, order) every recipe's data section has."""
     _require(data.get("on_error", "raise") in ON_ERROR,
              f"config.data.on_error={data.on_error!r}; valid: {list(ON_ERROR)}")
+    Buckets.from_config(data)
+    _require(not data.get("group_by_length", False) or data.get("shuffle", True),
+             "config.data.group_by_length=True shuffles rows within windows: it needs data.shuffle=True")
+    _require(int(data.get("group_window", 64)) >= 1, f"config.data.group_window={data.get('group_window')!r} must be >= 1")
 
 
 def _validate_lengths(data) -> None:
@@ -152,6 +158,9 @@ def validate_training_config(config) -> None:
     _validate_run(config)
     _validate_paths(config, data=True)
     _validate_lengths(config.data)
+    _require(not config.data.get("packing", False) or config.recipe in ("sft", "dpo"),
+             f"config.data.packing=True packs SFT and DPO batches; the {config.recipe} recipe takes whole rows "
+             "(set data.packing=False)")
     if config.recipe == "dpo":
         _validate_preference_loss(config.loss)
         _require(not (config.reference.free and config.reference.precompute),
@@ -173,7 +182,7 @@ def _validate_precompute(ref) -> None:
 
 def validate_score_pairs_config(config) -> None:
     d = config.data
-    _validate_on_error(d)
+    _validate_data_options(d)
     _require(not d.path or os.path.isfile(d.path), f"config.data.path={d.path!r}: no such file")
     _validate_lengths(d)
     _require_folders(config, ("model.path", "reference.path", "model.tokenizer_path"), remote_ok=False)
@@ -195,6 +204,8 @@ def validate_online_config(config) -> None:
         _require(name in TASK_NAMES, f"config.task.name={name!r} is unknown; valid: {list(TASK_NAMES)}")
     _validate_run(config, task_builds_model=task_builds_model)
     _validate_paths(config, data=not task_builds_model)
+    _require(not config.data.get("packing", False), "config.data.packing=True packs SFT and DPO batches; the "
+             "online loop's batches are cut to length buckets instead (set data.packing=False)")
     _validate_preference_loss(config.loss)
     s, g = config.sail, config.generation
     probs = {k: float(s[k]) for k in ("p_dp", "p_pp", "p_pr")}

@@ -30,9 +30,10 @@ LOCK_FILE = ".lock"
 # Keys that do not change what a run computes: how long it runs, how often it logs, evaluates and
 # saves, and what it prints. A prefix ending in "." covers a whole section.
 FREE_KEYS = ("steps", "log_every", "eval_every", "eval_batch_size", "checkpoint.", "export", "plan_targets",
-             "model.hub_id", "sail.log_term_grads", "log_completions", "logging.")
+             "model.hub_id", "sail.log_term_grads", "log_completions", "logging.", "compilation_cache",
+             "data.buckets", "data.bucket_min")  # buckets cut padding only: the same losses, in fewer FLOPs
 # Keys added since runs were first saved whose default is not empty but still means "off".
-OFF_DEFAULTS = {"sail.opponent": "policy", "sail.mixture_coef": 0.5}
+OFF_DEFAULTS = {"sail.opponent": "policy", "sail.mixture_coef": 0.5, "data.shuffle": True, "data.group_window": 64}
 
 
 class WorkdirLocked(UserError):

@@ -14,6 +14,8 @@ import grain
 import numpy as np
 from absl import logging
 
+from sail_jax.data.buckets import NO_BUCKETS, Buckets, cut, row_lengths, trim, widths
+from sail_jax.data.packing import pack
 from sail_jax.data.records import Records, read_jsonl
 from sail_jax.errors import UserError
 from sail_jax.tokenization import Tokenizer, TruncationError, pack_pairs, pad_left, require_fits
@@ -113,13 +115,55 @@ class _Rows:
         return {k: v[i] for k, v in self.arrays.items()}
 
 
+class _Ordered:
+    """Rows in an endless order without grain's shuffle: the file's order (``shuffle=False``), or
+    ``group_by_length``: each epoch a seeded permutation, cut into windows of ``window`` rows, each
+    window sorted by length and cut into batches served in a seeded random order (transformers'
+    ``group_by_length``). A pure function of the position, so grain's iterator state resumes it."""
+
+    EPOCHS = 1 << 40  # "endless": grain needs a length
+
+    def __init__(self, rows: _Rows, *, seed: int, lengths: np.ndarray | None, batch: int, window: int):
+        self.rows, self.seed, self.lengths, self.batch, self.window = rows, seed, lengths, batch, window
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def __len__(self):
+        return len(self.rows) * self.EPOCHS
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.rows)
+        if self.lengths is None:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(n)
+        out = []
+        for lo in range(0, n, self.window):
+            idx = perm[lo:lo + self.window]
+            idx = idx[np.argsort(-self.lengths[idx], kind="stable")]
+            chunks = [idx[i:i + self.batch] for i in range(0, len(idx), self.batch)]
+            out.extend(chunks[i] for i in rng.permutation(len(chunks)))
+        return np.concatenate(out)
+
+    def __getitem__(self, i):
+        epoch, j = divmod(int(i), len(self.rows))
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self.order(epoch))
+        return self.rows[int(self._epoch[1][j])]
+
+
 def train_iterator(arrays: dict[str, np.ndarray], batch_size: int, *, seed: int, process_index: int = 0,
-                   process_count: int = 1):
+                   process_count: int = 1, buckets: Buckets = NO_BUCKETS, shuffle: bool = True,
+                   group_by_length: bool = False, group_window: int = 64, packing: bool = False,
+                   row_multiple: int = 1):
     """Endless shuffled batches; ``batch_size`` is per process.
 
     Every process shuffles all rows with the same seed and keeps its own contiguous slice of each
     global batch (the rows its devices hold), so the global batches, and hence the training run,
-    are the same for any number of processes. The returned grain iterator has
+    are the same for any number of processes. Each global batch is cut to its length ``buckets``
+    before it is sliced (every process gets the same width), or with ``packing`` packed into rows
+    (``sail_jax.data.packing``; a multiple of ``row_multiple``, each process keeping its share).
+    ``shuffle=False`` serves the rows in order; ``group_by_length`` puts rows of similar length in a
+    batch (windows of ``group_window`` batches). The returned grain iterator has
     ``get_state()``/``set_state()``: checkpoints store its position.
     """
     n = len(_Rows(arrays))
@@ -127,22 +171,45 @@ def train_iterator(arrays: dict[str, np.ndarray], batch_size: int, *, seed: int,
     if n < global_batch:
         raise UserError(f"the training set has {n} rows, fewer than one global batch of {global_batch}; add data or "
                         "lower the batch size")
-    ds = grain.MapDataset.source(_Rows(arrays)).shuffle(seed=seed).repeat(None).batch(global_batch, drop_remainder=True)
-    if process_count > 1:
-        lo = process_index * batch_size
-        ds = ds.map(lambda batch: {k: v[lo:lo + batch_size] for k, v in batch.items()})
+    if group_by_length and not shuffle:
+        raise UserError("config.data: group_by_length=True shuffles within windows; it needs shuffle=True")
+    if shuffle and not group_by_length:
+        ds = grain.MapDataset.source(_Rows(arrays)).shuffle(seed=seed).repeat(None)
+    else:
+        lengths = row_lengths(arrays) if group_by_length else None
+        ds = grain.MapDataset.source(_Ordered(_Rows(arrays), seed=seed, lengths=lengths, batch=global_batch,
+                                              window=global_batch * group_window))
+    ds = ds.batch(global_batch, drop_remainder=True)
+    if packing:
+        ds = ds.map(lambda batch: pack(batch, buckets, row_multiple=row_multiple))
+    elif buckets != NO_BUCKETS:
+        ds = ds.map(lambda batch: trim(batch, buckets))
+    if process_count > 1:  # each field's rows (examples, or packed rows) split evenly over the processes
+        def share(x):
+            n = len(x) // process_count
+            return x[process_index * n:(process_index + 1) * n]
+
+        ds = ds.map(lambda batch: {k: share(v) for k, v in batch.items()})
     return iter(ds.to_iter_dataset())
 
 
 def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
-    """Every row once, in order; the last batch is padded with ``valid = 0`` rows (static shapes)."""
+                 process_count: int = 1, buckets: Buckets = NO_BUCKETS) -> list[dict[str, np.ndarray]]:
+    """Every row once, in order; the last batch is padded with ``valid = 0`` rows (static shapes).
+    Batch i holds rows ``[i·B·P, (i+1)·B·P)`` over the P processes, and is cut to their ``buckets``."""
+    n_all = len(arrays["valid"])
+    per_process = -(-n_all // process_count)  # the same batch count on every process
+    total = -(-per_process // batch_size) * batch_size
     rows = {k: v[process_index::process_count] for k, v in arrays.items()}
     n = len(rows["valid"])
-    per_process = -(-len(arrays["valid"]) // process_count)  # the same batch count on every process
-    total = -(-per_process // batch_size) * batch_size
     padded = {k: np.concatenate([v, np.zeros((total - n,) + v.shape[1:], v.dtype)]) for k, v in rows.items()}
-    return [{k: v[i:i + batch_size] for k, v in padded.items()} for i in range(0, total, batch_size)]
+    out = []
+    for i in range(0, total, batch_size):
+        batch = {k: v[i:i + batch_size] for k, v in padded.items()}
+        lo = i * process_count  # the global rows of this batch, on every process
+        window = {k: v[lo:lo + batch_size * process_count] for k, v in arrays.items()}
+        out.append(cut(batch, widths(window, buckets)))
+    return out
 
 
 def encode_online(records: Records, tokenizer: Tokenizer, *, max_prompt_length: int, max_response_length: int,

@@ -19,6 +19,7 @@ from absl import logging
 from flax import nnx
 
 from sail_jax.configs import model_options
+from sail_jax.data.buckets import Buckets, ShapeLog
 from sail_jax.data.pipeline import Encoded, encode_preference, encode_sft, eval_batches, load_records, train_iterator
 from sail_jax.driver import drive
 from sail_jax.models import load_pretrained
@@ -26,7 +27,7 @@ from sail_jax.objectives import make_dpo_objective, reference_logps, reward_obje
 from sail_jax.optim import make_optimizer
 from sail_jax.progress import say
 from sail_jax.reference_cache import attach_reference_logps
-from sail_jax.sharding import make_mesh, param_shardings, shard_batch, sharding_fn
+from sail_jax.sharding import data_parallel_size, make_mesh, param_shardings, shard_batch, sharding_fn
 from sail_jax.tokenization import Tokenizer
 from sail_jax.train import checkpoint_dir, make_eval_step, make_train_step, mean_metrics
 from sail_jax.trainable import Trainable, export_policy, prepare
@@ -52,6 +53,8 @@ def _encode(config, recipe: Recipe, tokenizer: Tokenizer, split: str) -> Encoded
     d = config.data
     enc = recipe.encode(load_records(d, split, recipe.kind), tokenizer, max_prompt_length=d.max_prompt_length,
                         max_length=d.max_length, on_error=d.get("on_error", "raise"))
+    for unread in ("prompt_ids", "prompt_mask"):  # for sampling; no offline step reads them (one width less)
+        enc.arrays.pop(unread, None)
     if enc.skipped:
         logging.warning("data (%s): %d records skipped in total (malformed or too long)", split, enc.skipped)
     return enc
@@ -69,7 +72,7 @@ def _precompute_reference(config, workdir, graphdef, ref_params, mesh, datasets)
     for name, enc in datasets.items():
         attach_reference_logps(enc.arrays, lambda batch: fn(ref_params, batch), batch_size=config.eval_batch_size,
                                mesh=mesh, cache_path=os.path.join(workdir, f"reference_logps_{name}.npz"),
-                               desc=f"reference log-probs ({name})")
+                               desc=f"reference log-probs ({name})", buckets=Buckets.from_config(config.data))
 
 
 @dataclasses.dataclass
@@ -84,10 +87,13 @@ class OfflineTrainer:
     evaluate: Callable[[], dict[str, float]]
     trainable: Trainable
     checkpoint_directory: str = ""
+    shapes: ShapeLog = dataclasses.field(default_factory=ShapeLog)
 
     def step(self, step: int) -> dict:
-        self.state, metrics = self.train_step(self.state, shard_batch(next(self.batches), self.mesh))
-        return metrics
+        batch = next(self.batches)
+        batch_metrics = self.shapes.metrics(batch)
+        self.state, metrics = self.train_step(self.state, shard_batch(batch, self.mesh))
+        return {**metrics, **batch_metrics}
 
     def checkpoint_extra(self) -> dict:
         return {"data": self.batches.get_state(), **self.trainable.checkpoint_extra()}
@@ -129,10 +135,13 @@ def run(config, workdir: str) -> dict[str, float]:
     eval_step = make_eval_step(graphdef, objective, mesh, shardings.params, frozen_shardings, seed=config.seed)
 
     processes, index = jax.process_count(), jax.process_index()
+    d, buckets = config.data, Buckets.from_config(config.data)
     batches = train_iterator(train_data.arrays, config.batch_size // processes, seed=config.seed,
-                             process_index=index, process_count=processes)
+                             process_index=index, process_count=processes, buckets=buckets, shuffle=d.shuffle,
+                             group_by_length=d.group_by_length, group_window=d.group_window, packing=d.packing,
+                             row_multiple=data_parallel_size(mesh))
     eval_set = (eval_batches(eval_data.arrays, config.eval_batch_size // processes, process_index=index,
-                             process_count=processes) if eval_data else [])
+                             process_count=processes, buckets=buckets) if eval_data else [])
     trainer = OfflineTrainer(state, shardings, batches, mesh, lambda s, b: train_step(s, b, frozen),
                              lambda: evaluate(eval_step, trainer.state.params, frozen, eval_set, mesh), trainable,
                              checkpoint_dir(config, workdir))

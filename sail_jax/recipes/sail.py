@@ -14,6 +14,7 @@ import os
 import jax
 
 from sail_jax.configs import model_options
+from sail_jax.data.buckets import Buckets
 from sail_jax.data.pipeline import encode_online, load_records
 from sail_jax.models import load_pretrained
 from sail_jax.online import OnlineLoop
@@ -58,7 +59,7 @@ def run(config, workdir: str) -> dict:
         train_prompts=[r["prompt"] for r in records["train"].rows], reward_source=reward_source,
         eval_reward_source=eval_reward_source,
         evaluator_args={"prompts": eval_prompts, "eval_arrays": encoded["eval"].arrays,
-                        "batch_size": config.eval_batch_size})
+                        "batch_size": config.eval_batch_size, "buckets": Buckets.from_config(d)})
     initial, final = loop.run({f"skipped/{k}": float(v.skipped) for k, v in encoded.items()})
     summary = {"variant": config.get("variant", ""), "steps": config.steps,
                "reference": {k: initial[k] for k in ("reward", "score", "finished", "win_rate", "kl", "distinct_2")},
