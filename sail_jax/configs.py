@@ -58,8 +58,9 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
         "group_by_length": False,
         "group_window": 64,
         # SFT / DPO training batches: pack the batch's sequences into a few rows (several per row, attention
-        # kept inside each), paying for the tokens the batch has instead of rows x its longest row
-        "packing": False,
+        # kept inside each), paying for the tokens the batch has instead of rows x its longest row; on by
+        # default where it applies (benchmarks/vs_trl.py: 0.75x TRL's DPO step, against 1.56x bucketed)
+        "packing": recipe in ("sft", "dpo"),
     })
     c.loss = ml_collections.ConfigDict({"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0})
     c.optim = ml_collections.ConfigDict({
@@ -174,8 +175,11 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
         "pair_selection": "first_two",  # first_two | max_min | random
         "pp_label_mode": "sample", "pr_label_mode": "argmax",
     })
+    # slots: 0 decodes a batch's samples all at once until the longest ends; S > 0 decodes them through S
+    # slots, a finished sample's slot taking the next (continuous batching: the same samples, fewer wasted
+    # steps where lengths vary)
     c.generation = ml_collections.ConfigDict({"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 12,
-                                              "interval": 1, "reuse": 1})
+                                              "interval": 1, "reuse": 1, "slots": 0})
     c.reference.sync_every = 0  # TR-DPO-style reference sync (0: never; the reference stays the SFT model)
     c.reference.sync_alpha = 1.0
     c.loss.beta = 0.1

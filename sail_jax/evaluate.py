@@ -122,7 +122,7 @@ class Evaluator:
             p, pm = self._rows(idx, "prompt_ids", "prompt_mask")
             s = generate(model, p, pm, jax.random.fold_in(key, c), max_new_tokens=self.gen_cfg.max_new_tokens,
                          temperature=1.0, eos_ids=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                         batch_sharding=self.sampling_sharding)
+                         batch_sharding=self.sampling_sharding, slots=int(self.gen_cfg.get("slots", 0)))
             tokens, mask, finished = (np.asarray(to_host(x)) for x in (s.tokens, s.mask, s.finished))
             width = self.buckets.length(int(mask.sum(1).max()), tokens.shape[1])
             tokens, mask = tokens[:, :width], mask[:, :width]  # what the log-prob passes read

@@ -168,7 +168,8 @@ class OnlineLoop:
                            max_new_tokens=int(self.gen.max_new_tokens), temperature=float(self.gen.temperature),
                            top_k=int(self.gen.top_k),
                            top_p=float(self.gen.top_p), eos_ids=self.tokenizer.eos_id, num_samples=k,
-                           pad_id=self.tokenizer.pad_id, batch_sharding=batch_sharding(self.mesh))
+                           pad_id=self.tokenizer.pad_id, batch_sharding=batch_sharding(self.mesh),
+                           slots=int(self.gen.get("slots", 0)))
             return [np.asarray(to_host(x)) for x in (out.tokens, out.mask, out.finished)]
 
         opponent = self.sail.get("opponent", "policy")

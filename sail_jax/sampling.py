@@ -82,6 +82,11 @@ def sample_categorical(key: jax.Array, logits: jax.Array) -> tuple[jax.Array, ja
     trick (``jax.random.categorical`` draws and takes two logs of vocab-many uniforms per row, and a
     flat cumsum over the vocabulary is slow on XLA:CPU). Tokens at ``-inf`` are never drawn.
     """
+    return categorical_from_uniform(jax.random.uniform(key, (logits.shape[0],)), logits)
+
+
+def categorical_from_uniform(u: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``sample_categorical`` with its uniforms ``u [n]`` given (continuous batching draws each row's)."""
     n, vocab = logits.shape
     block = bucket(math.isqrt(vocab), minimum=1)
     blocks = -(-vocab // block)
@@ -93,7 +98,7 @@ def sample_categorical(key: jax.Array, logits: jax.Array) -> tuple[jax.Array, ja
     total = block_cdf[:, -1]
     # Clamping u (and the remainder below) strictly under the running total keeps rounding from
     # stepping past the last token of positive mass.
-    u = jnp.minimum(jax.random.uniform(key, (n,)) * total, jnp.nextafter(total, 0.0))
+    u = jnp.minimum(u * total, jnp.nextafter(total, 0.0))
     chosen = jnp.sum(block_cdf <= u[:, None], axis=-1)
     inner = jnp.take_along_axis(weights, chosen[:, None, None], axis=1)[:, 0]
     inner_cdf = jnp.cumsum(inner, axis=-1)
@@ -215,18 +220,22 @@ def generate(
     num_samples: int = 1,
     pad_id: int = 0,
     batch_sharding: jax.sharding.Sharding | None = None,
+    slots: int = 0,
 ) -> SampleOutput:
     """Sample ``num_samples`` responses per left-padded prompt ``[b, t]``; ``temperature=0`` is greedy.
     ``model`` is a causal LM, or a ``GeometricMixture`` of two (Nash-MD's opponent).
 
+    ``slots``: 0 decodes all ``b * num_samples`` rows at once until the longest ends; S > 0 decodes
+    through S slots, a row that ends handing its slot to the next sample (``sail_jax.continuous``;
+    the same samples for the same key; a mixture, or S >= the rows, decodes all at once).
     Deterministic for a given ``key``. Returns a ``SampleOutput`` with ``b * num_samples`` rows.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1:
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1 or slots < 0:
         raise ValueError(
-            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1; got temperature={temperature}, "
-            f"top_p={top_p}, top_k={top_k}, num_samples={num_samples}"
+            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1, slots >= 0; got "
+            f"temperature={temperature}, top_p={top_p}, top_k={top_k}, num_samples={num_samples}, slots={slots}"
         )
     eos = jnp.asarray(np.atleast_1d(np.asarray(eos_ids, np.int32)))
     prompt_ids, prompt_mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
@@ -238,9 +247,16 @@ def generate(
         prompt_ids, prompt_mask = global_array(prompt_ids, batch_sharding), global_array(prompt_mask, batch_sharding)
     budget = bucket(max_new_tokens)
     graphdef, state = nnx.split(model)
+    options = dict(budget=budget, greedy=temperature == 0, top_k=top_k, use_top_p=top_p < 1.0)
+    scalars = (jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos,
+               jnp.int32(pad_id))
+    if 0 < slots < prompt_ids.shape[0] * num_samples and not isinstance(model, GeometricMixture):
+        from sail_jax.continuous import decode_continuous
+
+        out = decode_continuous(graphdef, state, prompt_ids, prompt_mask, key, *scalars, num_samples=num_samples,
+                                slots=slots, **options)
+        return jax.tree.map(lambda x: x[:, :max_new_tokens] if x.ndim == 2 else x, out)
     last, cache = _prefill(graphdef, state, prompt_ids, prompt_mask, num_samples=num_samples,
                            cache_len=cache_length(length, max_new_tokens))
-    out, _ = _decode(graphdef, state, cache, last, key, jnp.int32(max_new_tokens),
-                  jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos, jnp.int32(pad_id),
-                  budget=budget, greedy=temperature == 0, top_k=top_k, use_top_p=top_p < 1.0)
+    out, _ = _decode(graphdef, state, cache, last, key, *scalars, **options)
     return jax.tree.map(lambda x: x[:, :max_new_tokens] if x.ndim == 2 else x, out)

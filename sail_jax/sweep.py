@@ -48,7 +48,7 @@ def run_config(make_config: Callable, variant: str, seed: int, **overrides):
 # at that value they are left out of the fingerprint, so a new knob does not orphan finished runs.
 ADDED_SETTINGS = {"data.train_kind": "preference", "data.buckets": "pow2", "data.bucket_min": 16,
                   "data.shuffle": True, "data.group_by_length": False, "data.group_window": 64,
-                  "data.packing": False}
+                  "data.packing": False, "generation.slots": 0}
 
 
 def config_fingerprint(config) -> str:

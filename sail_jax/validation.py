@@ -307,6 +307,8 @@ def validate_online_config(config) -> None:
                                       "initial policy (with LoRA, the base without adapters); leave it empty")
     _validate_precompute(ref)
     _require(float(g.temperature) > 0, f"config.generation.temperature={g.temperature} must be > 0 for sampling")
+    _require(int(g.get("slots", 0)) >= 0, f"config.generation.slots={g.get('slots')!r} must be >= 0 (0: all "
+             "samples at once; S: continuous batching through S decode slots)")
     _require(int(g.max_new_tokens) <= int(config.data.max_response_length),
              f"config.generation.max_new_tokens={g.max_new_tokens} exceeds data.max_response_length="
              f"{config.data.max_response_length}; sampled responses must fit the batch layout")

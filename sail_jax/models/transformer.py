@@ -182,14 +182,20 @@ class Attention(nnx.Module):
         self.window = config.window(layer)
 
     def __call__(self, x, positions, inv_freq, mask_fn, cache_kv=None):
-        """``cache_kv``: None, or ``(k_cache, v_cache, end)`` to write this chunk at slot ``end``."""
+        """``cache_kv``: None, or ``(k_cache, v_cache, end)`` to write this chunk at slot ``end`` (a
+        scalar, or ``[b]`` slots of one token each: continuous batching's rows are each at their own)."""
         q = apply_rope(self.q_proj(x), positions, inv_freq)
         k = apply_rope(self.k_proj(x), positions, inv_freq).transpose(0, 2, 1, 3)  # [b, kv, t, d]
         v = self.v_proj(x).transpose(0, 2, 3, 1)  # [b, kv, d, t]
         if cache_kv is not None:
             k_cache, v_cache, end = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), end, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), end, axis=3)
+            if end.ndim:
+                rows = jnp.arange(k.shape[0])
+                k = k_cache.at[rows, :, end].set(k[:, :, 0].astype(k_cache.dtype))
+                v = v_cache.at[rows, :, :, end].set(v[:, :, :, 0].astype(v_cache.dtype))
+            else:
+                k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), end, axis=2)
+                v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), end, axis=3)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_fn(self.window))
         return self.o_proj(out), (k, v)
 
@@ -302,15 +308,20 @@ class Transformer(nnx.Module):
     def extend(self, input_ids: jax.Array, attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Append ``input_ids [b, t]`` after the cached tokens; returns hidden states and the new cache.
 
-        Used for prefill (empty cache, the whole left-padded prompt) and decode (``t = 1``).
+        Used for prefill (empty cache, the whole left-padded prompt) and decode (``t = 1``). A cache
+        whose ``end`` is ``[b]`` (each row at its own slot: continuous batching) takes one token a row.
         """
         t = input_ids.shape[1]
         new_valid = attention_mask.astype(jnp.bool_)
         positions = _positions(new_valid, offset=jnp.sum(cache.mask, axis=-1, keepdims=True))
-        k_valid = jax.lax.dynamic_update_slice_in_dim(cache.mask, new_valid, cache.end, axis=1)
+        if cache.end.ndim:
+            k_valid = cache.mask.at[jnp.arange(input_ids.shape[0]), cache.end].set(new_valid[:, 0])
+            q_slot = cache.end[:, None] + jnp.arange(t)
+        else:
+            k_valid = jax.lax.dynamic_update_slice_in_dim(cache.mask, new_valid, cache.end, axis=1)
+            q_slot = jnp.broadcast_to(cache.end + jnp.arange(t), input_ids.shape)
         k_pos = _positions(k_valid, offset=0)
         k_slot = jnp.broadcast_to(jnp.arange(cache.max_len), k_valid.shape)
-        q_slot = jnp.broadcast_to(cache.end + jnp.arange(t), input_ids.shape)
 
         def mask_fn(window):
             return make_attention_mask(positions, k_pos, q_slot, k_slot, k_valid, window)
