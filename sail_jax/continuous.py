@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sail_jax.models.transformer import init_cache
-from sail_jax.sampling import _COMPILES, SampleOutput, categorical_from_uniform, filter_logits, token_logprob
+from sail_jax.sampling import (_COMPILES, SampleOutput, categorical_from_uniform, filter_logits, sample_output,
+                               token_logprob)
 
 
 def _insert(take, request, num_samples, prompts, slots):
@@ -100,9 +101,4 @@ def decode_continuous(graphdef, state, prompt_ids, prompt_mask, key, max_new_tok
             jnp.zeros((n + 1, budget), jnp.float32), jnp.full((n + 1,), budget, jnp.int32),
             jnp.zeros((n + 1,), jnp.bool_))
     *_, tokens, logprobs, done_at, finished = jax.lax.while_loop(cond, body, init)
-    tokens, logprobs, done_at, finished = tokens[:n], logprobs[:n], done_at[:n], finished[:n]
-    positions = jnp.arange(budget)[None, :]
-    mask = (positions <= done_at[:, None]) & (positions < max_new_tokens)
-    return SampleOutput(tokens=jnp.where(mask, tokens, pad_id), mask=mask.astype(jnp.int32),
-                        lengths=mask.sum(-1).astype(jnp.int32), logprobs=jnp.where(mask, logprobs, 0.0),
-                        finished=finished)
+    return sample_output(tokens[:n], logprobs[:n], done_at[:n], finished[:n], max_new_tokens, pad_id)

@@ -193,17 +193,18 @@ def _decode(graphdef, state, cache, last_logits, key, max_new_tokens, temperatur
     init = (jnp.int32(0), cache, last_logits, jnp.full((n, budget), pad_id, jnp.int32),
             jnp.zeros((n, budget), jnp.float32), jnp.zeros((n,), jnp.bool_), jnp.full((n,), budget, jnp.int32))
     _, cache, _, tokens, logprobs, finished, done_at = jax.lax.while_loop(cond, body, init)
-    positions = jnp.arange(budget)[None, :]
-    mask = (positions <= done_at[:, None]) & (positions < max_new_tokens)
-    out = SampleOutput(
-        tokens=jnp.where(mask, tokens, pad_id),
-        mask=mask.astype(jnp.int32),
-        lengths=mask.sum(-1).astype(jnp.int32),
-        logprobs=jnp.where(mask, logprobs, 0.0),
-        finished=finished,
-    )
     # Returning the cache lets XLA alias it to the donated input: one cache buffer lives at a time.
-    return out, cache
+    return sample_output(tokens, logprobs, done_at, finished, max_new_tokens, pad_id), cache
+
+
+def sample_output(tokens, logprobs, done_at, finished, max_new_tokens, pad_id) -> SampleOutput:
+    """A decode loop's ``[n, budget]`` tokens and log-probs as a ``SampleOutput``: each row kept up to
+    and including its EOS (``done_at``; the budget when none) and within ``max_new_tokens``."""
+    positions = jnp.arange(tokens.shape[1])[None, :]
+    mask = (positions <= done_at[:, None]) & (positions < max_new_tokens)
+    return SampleOutput(tokens=jnp.where(mask, tokens, pad_id), mask=mask.astype(jnp.int32),
+                        lengths=mask.sum(-1).astype(jnp.int32), logprobs=jnp.where(mask, logprobs, 0.0),
+                        finished=finished)
 
 
 def generate(
