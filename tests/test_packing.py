@@ -10,7 +10,7 @@ from flax import nnx
 from test_buckets import _long_tailed_pairs
 
 from sail_jax.configs import base_config
-from sail_jax.data.buckets import Buckets
+from sail_jax.data.buckets import Buckets, ShapeLog
 from sail_jax.data.packing import pack
 from sail_jax.data.pipeline import encode_preference, encode_sft, train_iterator
 from sail_jax.data.records import Records
@@ -41,6 +41,8 @@ def test_packed_rows_hold_every_sequence_once_in_fewer_tokens(tiny_checkpoint):
         np.testing.assert_array_equal(packed["packed_input_ids"][where], arrays[f"{side}_input_ids"][row, :n])
         np.testing.assert_array_equal(packed["packed_loss_mask"][where], arrays[f"{side}_loss_mask"][row, :n])
     assert (packed["packed_segment_ids"] == 0).sum() == (packed["packed_sequence"] == 32).sum()
+    real = sum(arrays[f"{s}_attention_mask"].sum() for s in ("chosen", "rejected"))
+    assert ShapeLog().metrics(packed)["batch/pad_fraction"] == pytest.approx(1 - real / (rows * width))
     with pytest.raises(ValueError, match="right-padded"):
         pack({**arrays, "chosen_attention_mask": arrays["chosen_attention_mask"][:, ::-1]}, POW2)
 

@@ -147,6 +147,8 @@ class ShapeLog:
         self.seen.add(tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items())))
         out = {"batch/shapes": float(len(self.seen))}
         masks = [batch[m] for g in GROUPS for m in g.masks if m in batch]
+        if "packed_segment_ids" in batch:  # packed rows (sail_jax.data.packing): segment 0 is padding
+            masks.append(batch["packed_segment_ids"] > 0)
         if masks and all(isinstance(m, np.ndarray) for m in masks):  # host batches (device ones stay put)
             out["batch/pad_fraction"] = 1.0 - sum(float(m.sum()) for m in masks) / sum(m.size for m in masks)
         return out

@@ -21,7 +21,6 @@ import numpy as np
 
 from sail_jax.data.buckets import Buckets
 
-PACKED = ("packed_input_ids", "packed_segment_ids", "packed_loss_mask", "packed_sequence")
 _SOURCES = {"sft": ("",), "preference": ("chosen_", "rejected_")}
 
 
@@ -59,8 +58,8 @@ def pack(batch: Mapping[str, np.ndarray], buckets: Buckets, *, row_multiple: int
         place[i] = (row, width - free[row])
         free[row] -= lengths[i]
     rows = max(-(-max(len(free), 1) // row_multiple) * row_multiple, row_multiple)
-    out = {k: v for k, v in batch.items()
-           if not any(k == f"{p}{f}" for p in prefixes for f in ("input_ids", "attention_mask", "loss_mask"))}
+    replaced = {f"{p}{f}" for p in prefixes for f in ("input_ids", "attention_mask", "loss_mask")}
+    out = {k: v for k, v in batch.items() if k not in replaced}
     out["packed_input_ids"] = np.zeros((rows, width), ids.dtype)
     out["packed_segment_ids"] = np.zeros((rows, width), np.int32)
     out["packed_loss_mask"] = np.zeros((rows, width), loss.dtype)
