@@ -125,12 +125,12 @@ class Evaluator:
                          batch_sharding=self.sampling_sharding, slots=int(self.gen_cfg.get("slots", 0)))
             tokens, mask, finished = (np.asarray(to_host(x)) for x in (s.tokens, s.mask, s.finished))
             width = self.buckets.length(int(mask.sum(1).max()), tokens.shape[1])
-            tokens, mask = tokens[:, :width], mask[:, :width]  # what the log-prob passes read
-            out["tokens"].append(tokens[:keep])
+            cut = tokens[:, :width], mask[:, :width]  # what the log-prob passes read
+            out["logp"].append(logp(params, p, pm, *cut)[:keep])
+            out["ref_logp"].append(self.ref[1](self.ref_params, p, pm, *cut)[:keep])
+            out["tokens"].append(tokens[:keep])  # full width: the chunks' buckets differ
             out["mask"].append(mask[:keep])
             out["finished"].append(finished[:keep])
-            out["logp"].append(logp(params, p, pm, tokens, mask)[:keep])
-            out["ref_logp"].append(self.ref[1](self.ref_params, p, pm, tokens, mask)[:keep])
         out = {k: np.concatenate(v) for k, v in out.items()}
         texts = decode_responses(self.tokenizer, out["tokens"], out["mask"])
         out["score"] = self.reward_source(self.prompts, texts)

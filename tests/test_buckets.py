@@ -174,3 +174,34 @@ def test_shape_log_counts_distinct_shapes_and_padding():
     assert m["batch/shapes"] == 2.0 and log.metrics(cut)["batch/shapes"] == 2.0
     assert m["batch/pad_fraction"] == pytest.approx(1 - arrays["attention_mask"].sum() / cut["attention_mask"].size)
     assert trim(arrays, NO_BUCKETS)["input_ids"].shape == arrays["input_ids"].shape
+
+
+def test_evaluation_with_buckets_equals_the_padded_evaluation(tiny_checkpoint):
+    """Each chunk's samples are cut to their own bucket for the log-prob passes; chunks whose longest
+    samples differ must still join into one table, with the metrics of the uncut evaluation."""
+    import types
+
+    import ml_collections
+
+    from sail_jax.evaluate import Evaluator
+
+    tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
+    # a third of the vocabulary ends a sample, so the chunks' longest samples (and buckets) differ
+    ends = types.SimpleNamespace(eos_id=list(range(3, 48)), pad_id=tokenizer.pad_id, decode=tokenizer.decode)
+    rows = synthetic_pairs(6, seed=3)
+    arrays = encode_online(Records(rows), tokenizer, max_prompt_length=64, max_response_length=24,
+                           prompts_only=True).arrays
+    graphdef, params = nnx.split(load_pretrained(tiny_checkpoint))
+    gen = ml_collections.ConfigDict({"max_new_tokens": 24, "slots": 0})
+
+    def evaluate(buckets):
+        ev = Evaluator(graphdef, (graphdef, params), prompts=[r["prompt"] for r in rows], eval_arrays=arrays,
+                       reward_source=lambda p, r: np.asarray([len(t) for t in r], np.float32), tokenizer=ends,
+                       gen_cfg=gen, beta=0.1, batch_size=2, seed=0, buckets=buckets)
+        return ev, ev(params)
+
+    cut, metrics = evaluate(Buckets.parse("4", 1))
+    _, padded = evaluate(NO_BUCKETS)
+    longest = cut.last["mask"].reshape(3, 2, -1).sum(-1).max(-1)
+    assert len({Buckets.parse("4", 1).length(int(n), 24) for n in longest}) > 1, "one bucket: nothing tested"
+    chex.assert_trees_all_close(metrics, padded, atol=1e-5, rtol=1e-5)
