@@ -85,7 +85,8 @@ def same_responses(tokens_a, mask_a, tokens_b, mask_b) -> jax.Array:
 
 def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None, reward, routes, keys: dict, *,
                        beta: float, num_samples: int, pair_selection: str, pp_label_mode: str, pr_label_mode: str,
-                       relabel_dp: bool, opponent: str = "policy", ref_token_logp=None, dataset_pairs: bool = True):
+                       relabel_dp: bool, opponent: str = "policy", ref_token_logp=None, dataset_pairs: bool = True,
+                       self_labelled: bool = True):
     """The online train batch from a batch of prompts with dataset pairs, the routes and the samples.
 
     ``policy_logp(p, pm, r, rm)`` / ``ref_logp(...)`` give log π(r|p) ``[n]`` (the models are closed over);
@@ -105,6 +106,9 @@ def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None,
     ``dataset_pairs=False`` (every row sampled: ``data.train_kind=prompt``, or p_pp + p_pr = 1): the
     batch holds prompts only, and the dataset pairs' reference pass is skipped; every row's pair comes
     from the samples, so the train batch equals the one with the pairs.
+
+    ``self_labelled=False`` (p_pp = 0: no row can take the PP route): the samples are scored by the
+    reward alone, and the policy's pass over them, which only PP's implicit reward reads, is skipped.
     """
     p, pm = batch["prompt_ids"], batch["prompt_mask"]
     b = p.shape[0]
@@ -155,8 +159,11 @@ def label_online_batch(policy_logp, ref_logp, batch: dict, samples: dict | None,
             ref_s = ref_tokens.sum(-1)
         else:
             ref_s = ref_logp(rp, rpm, tokens, smask)
-        implicit = beta * (policy_logp(rp, rpm, tokens, smask).reshape(b, k) - ref_s.reshape(b, k))
-        scores = jnp.where(is_pp[:, None], implicit, reward)
+        if self_labelled:
+            implicit = beta * (policy_logp(rp, rpm, tokens, smask).reshape(b, k) - ref_s.reshape(b, k))
+            scores = jnp.where(is_pp[:, None], implicit, reward)
+        else:
+            scores = reward
         a, bb = select_pairs(keys["select"], scores, pair_selection)
         rows = jnp.arange(b)
         sa, sb = scores[rows, a], scores[rows, bb]

@@ -190,7 +190,7 @@ class OnlineLoop:
                              num_samples=int(sail.num_samples), pair_selection=sail.pair_selection,
                              pp_label_mode=sail.pp_label_mode, pr_label_mode=sail.pr_label_mode,
                              relabel_dp=float(sail.p_dp) > 0, opponent=sail.get("opponent", "policy"),
-                             dataset_pairs=self.dataset_pairs)
+                             dataset_pairs=self.dataset_pairs, self_labelled=float(sail.p_pp) > 0)
 
     def label(self, step: int, batch: dict, samples: dict | None) -> tuple[dict, dict]:
         """The train batch (pair per example, per its route; global arrays on the mesh) and the labelling

@@ -167,12 +167,14 @@ def _host_labels(loop, step, batch, samples):
     return out
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 4, 1)])
-def test_one_program_labeller_equals_the_host_labelling_it_replaced(tiny_checkpoint, tmp_path, mesh_shape):
+@pytest.mark.parametrize("mesh_shape, variant", [((1, 1, 1), "sail_mixed"), ((2, 4, 1), "sail_mixed"),
+                                                 ((1, 1, 1), "sail_pr")])
+def test_one_program_labeller_equals_the_host_labelling_it_replaced(tiny_checkpoint, tmp_path, mesh_shape, variant):
     """Same keys, same samples: the jitted labeller gives the host implementation's train batch, bit for
     bit (routes, DP swaps, PP/PR selection and labels, ties, the gathered responses and reference
-    log-probs), on one device and on an 8-device mesh."""
-    loop = _online_loop(tiny_checkpoint, tmp_path, mesh_shape)
+    log-probs), on one device and on an 8-device mesh; and without PP rows (sail_pr), where the
+    labeller skips the policy's pass over the samples."""
+    loop = _online_loop(tiny_checkpoint, tmp_path, mesh_shape, variant=variant)
     loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 1.05, loop.state.params))  # π != π_ref
     block = loop._generate_block(0)
     for step in range(4):
