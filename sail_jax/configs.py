@@ -48,9 +48,10 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
         "max_prompt_length": 64,
         "max_length": 128,
         # Each batch is cut to the smallest length bucket that holds its longest row before a jitted step
-        # (one compile per bucket): pow2 (powers of two) | none (always the caps) | N (multiples of N),
-        # never under bucket_min.
-        "buckets": "pow2",
+        # (one compile per bucket): pow2_half (16, 24, 32, 48, 64, 96, ...: at most a third padding) |
+        # pow2 (powers of two: half the shapes, up to half padding) | none (always the caps) | N
+        # (multiples of N), never under bucket_min.
+        "buckets": "pow2_half",
         "bucket_min": 16,
         "shuffle": True,  # False: rows in the file's order, every epoch
         # rows of similar length share a batch (sorted within shuffled windows of group_window batches):

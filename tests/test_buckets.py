@@ -22,7 +22,11 @@ from sail_jax.tokenization import Tokenizer
 
 def test_bucket_lengths():
     pow2, every64, none = Buckets.parse("pow2", 16), Buckets.parse("64", 16), Buckets.parse("none")
+    half = Buckets.parse("pow2_half", 16)
     assert [pow2.length(n, 1024) for n in (0, 1, 16, 17, 100, 513, 2000)] == [16, 16, 16, 32, 128, 1024, 1024]
+    assert [half.length(n, 1024) for n in (1, 16, 17, 24, 25, 33, 49, 65, 100, 513, 769)] == \
+        [16, 16, 24, 24, 32, 48, 64, 96, 128, 768, 1024]
+    assert Buckets.from_config(base_config("dpo").data) == half  # the default
     assert [every64.length(n, 1000) for n in (1, 64, 65, 999)] == [64, 64, 128, 1000]
     assert none.length(3, 48) == 48
     assert pow2.length(5, 12) == 12  # never over the cap

@@ -397,6 +397,9 @@ def test_a_ledger_carries_finished_runs_to_the_next_session_and_leaves_stale_one
     prompts = make("online_dpo")
     prompts.data.train_kind = "prompt"
     assert sweep_module.config_fingerprint(prompts) != sweep_module.config_fingerprint(local)
+    coarse = make("online_dpo")  # length buckets cut padding: the same run, whichever they are
+    coarse.data.buckets, coarse.data.bucket_min = "pow2", 32
+    assert sweep_module.config_fingerprint(coarse) == sweep_module.config_fingerprint(local)
 
     def make_new_lr(variant):  # today's sweep changed sail_pr's learning rate: its run is stale
         return make(variant, lr=1e-4 if variant == "sail_pr" else 3e-4)

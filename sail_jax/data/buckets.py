@@ -19,7 +19,7 @@ import numpy as np
 
 from sail_jax.errors import UserError
 
-BUCKETINGS = ("pow2", "none", "a positive integer N (multiples of N)")
+BUCKETINGS = ("pow2_half", "pow2", "none", "a positive integer N (multiples of N)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,20 +42,22 @@ GROUPS = (
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    """``kind``: ``pow2`` (powers of two), ``multiple`` (multiples of ``step``) or ``none`` (always the
-    cap); no bucket is under ``minimum`` or over the cap."""
+    """``kind``: ``pow2_half`` (powers of two and the points halfway between: 16, 24, 32, 48, 64, 96,
+    ...; at most a third of a row is padding, twice the shapes of ``pow2``), ``pow2`` (powers of two: up to
+    half padding), ``multiple`` (multiples of ``step``) or ``none`` (always the cap); no bucket is under
+    ``minimum`` or over the cap."""
 
-    kind: str = "pow2"
+    kind: str = "pow2_half"
     step: int = 0
     minimum: int = 16
 
     @classmethod
     def parse(cls, spec, minimum: int = 16) -> "Buckets":
-        """From ``data.buckets`` (``pow2``, ``none`` or an integer N) and ``data.bucket_min``."""
+        """From ``data.buckets`` (``pow2_half``, ``pow2``, ``none`` or an integer N) and ``data.bucket_min``."""
         text = str(spec).strip()
         if int(minimum) < 1:
             raise UserError(f"config.data.bucket_min={minimum}: must be >= 1")
-        if text in ("pow2", "none"):
+        if text in ("pow2_half", "pow2", "none"):
             return cls(text, 0, int(minimum))
         if text.isdigit() and int(text) > 0:
             return cls("multiple", int(text), int(minimum))
@@ -63,15 +65,17 @@ class Buckets:
 
     @classmethod
     def from_config(cls, data_cfg) -> "Buckets":
-        return cls.parse(data_cfg.get("buckets", "pow2"), data_cfg.get("bucket_min", 16))
+        return cls.parse(data_cfg.get("buckets", "pow2_half"), data_cfg.get("bucket_min", 16))
 
     def length(self, n: int, cap: int) -> int:
         """The smallest bucket that holds ``n`` positions, never over ``cap``."""
         if self.kind == "none":
             return cap
         n = max(int(n), self.minimum, 1)
-        if self.kind == "pow2":
+        if self.kind in ("pow2", "pow2_half"):
             b = 1 << (n - 1).bit_length()
+            if self.kind == "pow2_half" and b >= 4 and 3 * b // 4 >= n:
+                b = 3 * b // 4
         else:
             b = -(-n // self.step) * self.step
         return min(b, cap)
