@@ -8,9 +8,9 @@ prefilled once for its k samples before the loop, is copied into the slot's regi
 (``KVCache.end`` per row), so shapes stay static: one compiled program per (prompt bucket, budget,
 slots). ``sampling.generate(..., slots=S)`` runs it.
 
-Every draw is the static sampler's: sample r's token t uses element r of the uniforms the static
-sampler draws at its step t (``uniform(fold_in(key, t), (n,))``), so for one key both give the same
-samples, whichever slot a sample lands in and whenever (tested).
+Every draw is the static sampler's: sample r's token t uses ``sampling.row_uniforms(key, t, r, n)``,
+as the static sampler does, so for one key both give the same samples, whichever slot a sample lands
+in and whenever (tested).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sail_jax.models.transformer import init_cache
-from sail_jax.sampling import (_COMPILES, SampleOutput, categorical_from_uniform, filter_logits, sample_output,
-                               token_logprob)
+from sail_jax.sampling import (_COMPILES, SampleOutput, categorical_from_uniform, filter_logits, row_uniforms,
+                               sample_output, token_logprob)
 
 
 def _insert(take, request, num_samples, prompts, slots):
@@ -76,8 +76,7 @@ def decode_continuous(graphdef, state, prompt_ids, prompt_mask, key, max_new_tok
             logprob = token_logprob(logits.astype(jnp.float32), token)
         else:
             dist = filter_logits(logits, temperature, top_k, use_top_p, top_p)
-            u = jax.vmap(lambda t, r: jax.random.uniform(jax.random.fold_in(key, t), (n,))[r])(
-                pos, jnp.maximum(request, 0))
+            u = jax.vmap(lambda t, r: row_uniforms(key, t, r, n))(pos, jnp.maximum(request, 0))
             token, logprob = categorical_from_uniform(u, dist)
         row = jnp.where(active, request, n)  # inactive slots write to a spare row
         tokens = tokens.at[row, pos].set(token, mode="drop")

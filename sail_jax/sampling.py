@@ -74,19 +74,22 @@ def filter_logits(logits: jax.Array, temperature, top_k: int, use_top_p: bool, t
     return logits
 
 
-def sample_categorical(key: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Draw one token per row from ``softmax(logits [n, vocab])``; returns ``(tokens, logprobs)``.
+def row_uniforms(key: jax.Array, step, row, rows: int) -> jax.Array:
+    """The uniform of batch row ``row`` (of ``rows``) at decode step ``step``: element ``row`` of
+    ``uniform(fold_in(key, step), (rows,))``. Every decoder draws through it, so a sample's tokens do
+    not depend on which rows decode beside it (the shrinking batch, continuous batching's slots)."""
+    return jax.random.uniform(jax.random.fold_in(key, step), (rows,))[row]
+
+
+def categorical_from_uniform(u: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row from ``softmax(logits [n, vocab])`` with the row's uniform ``u [n]``;
+    returns ``(tokens, logprobs)``.
 
     Two-level inverse CDF with one uniform per row: pick a block of ~sqrt(vocab) tokens by its mass,
     then the token inside it. Exact up to float rounding, and about 20x cheaper on CPU than the Gumbel
     trick (``jax.random.categorical`` draws and takes two logs of vocab-many uniforms per row, and a
     flat cumsum over the vocabulary is slow on XLA:CPU). Tokens at ``-inf`` are never drawn.
     """
-    return categorical_from_uniform(jax.random.uniform(key, (logits.shape[0],)), logits)
-
-
-def categorical_from_uniform(u: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``sample_categorical`` with its uniforms ``u [n]`` given (continuous batching draws each row's)."""
     n, vocab = logits.shape
     block = bucket(math.isqrt(vocab), minimum=1)
     blocks = -(-vocab // block)
@@ -168,8 +171,7 @@ def _decode(graphdef, state, cache, carry, key, max_new_tokens, temperature, top
             *, greedy, top_k, use_top_p, rows):
     """Decode ``carry = (step, last logits, tokens, logprobs, finished, done_at)`` of the batch's rows
     ``row_ids`` (of ``rows``) until every row has ended, the budget is spent, or at most ``stop_at``
-    rows are still going; returns the carry and the cache. Row r's token t uses element r of
-    ``uniform(fold_in(key, t), (rows,))``, whichever rows decode beside it."""
+    rows are still going; returns the carry and the cache. Draws go through ``row_uniforms``."""
     _COMPILES["decode"] += 1
     model = nnx.merge(graphdef, state)
     n = row_ids.shape[0]
@@ -181,8 +183,7 @@ def _decode(graphdef, state, cache, carry, key, max_new_tokens, temperature, top
             logprob = token_logprob(logits.astype(jnp.float32), token)
         else:
             dist = filter_logits(logits, temperature, top_k, use_top_p, top_p)
-            u = jax.random.uniform(jax.random.fold_in(key, step), (rows,))[row_ids]
-            token, logprob = categorical_from_uniform(u, dist)
+            token, logprob = categorical_from_uniform(row_uniforms(key, step, row_ids, rows), dist)
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(logprob)
         hit_eos = jnp.any(token[:, None] == eos_ids[None, :], axis=-1)

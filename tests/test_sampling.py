@@ -9,7 +9,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sail_jax.logprobs import token_logprobs
 from sail_jax.models import load_pretrained
-from sail_jax.sampling import GeometricMixture, bucket, compile_counts, filter_logits, generate, sample_categorical
+from sail_jax.sampling import (GeometricMixture, bucket, categorical_from_uniform, compile_counts, filter_logits,
+                               generate)
 
 PAD = 0
 
@@ -69,7 +70,8 @@ def test_two_level_sampler_draws_the_softmax_and_never_a_masked_token():
     logits = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (vocab,))
     masked = np.r_[32:64, 95, 96, 299]  # a whole block, both sides of a block boundary, the last token
     logits = logits.at[masked].set(-jnp.inf)
-    tokens, logprobs = sample_categorical(jax.random.PRNGKey(1), jnp.broadcast_to(logits, (n, vocab)))
+    tokens, logprobs = categorical_from_uniform(jax.random.uniform(jax.random.PRNGKey(1), (n,)),
+                                                jnp.broadcast_to(logits, (n, vocab)))
     expected = np.asarray(jax.nn.softmax(logits))
     counts = np.bincount(np.asarray(tokens), minlength=vocab)
     assert counts[masked].sum() == 0
@@ -78,7 +80,7 @@ def test_two_level_sampler_draws_the_softmax_and_never_a_masked_token():
     np.testing.assert_allclose(logprobs, np.log(expected[np.asarray(tokens)]), rtol=1e-5, atol=1e-6)
     # One surviving token (top-k = 1 after filtering) is drawn every time.
     only = jnp.full((4, vocab), -jnp.inf).at[:, 170].set(0.0)
-    assert np.all(np.asarray(sample_categorical(jax.random.PRNGKey(2), only)[0]) == 170)
+    assert np.all(np.asarray(categorical_from_uniform(jax.random.uniform(jax.random.PRNGKey(2), (4,)), only)[0]) == 170)
 
 
 def test_logprobs_equal_a_full_forward_recomputation(tiny_model):
