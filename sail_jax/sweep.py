@@ -23,6 +23,7 @@ import numpy as np
 from scipy import stats
 
 from sail_jax import compile_cache
+from sail_jax.data import buckets
 
 
 def mean_ci(values):
@@ -44,9 +45,6 @@ def run_config(make_config: Callable, variant: str, seed: int, **overrides):
     return config
 
 
-# Config fields that cut padding (length buckets): the same losses up to float rounding, so a run
-# asked for the same thing whatever they are.
-PADDING_KEYS = ("data.buckets", "data.bucket_min")
 # Settings added after ledgers were written, with the value that asks for what runs before them did:
 # at that value they are left out of the fingerprint, so a new knob does not orphan finished runs.
 ADDED_SETTINGS = {"data.train_kind": "preference", "data.shuffle": True, "data.group_by_length": False,
@@ -54,7 +52,7 @@ ADDED_SETTINGS = {"data.train_kind": "preference", "data.shuffle": True, "data.g
 
 
 def config_fingerprint(config) -> str:
-    """A hash of everything a run's config sets except MACHINE_LOCAL_KEYS, PADDING_KEYS (and
+    """A hash of everything a run's config sets except MACHINE_LOCAL_KEYS, the length buckets' keys (and
     ADDED_SETTINGS at their old behaviour): two runs with the same fingerprint were asked for the same
     thing (the code they ran is recorded beside it)."""
     values = json.loads(config.to_json())
@@ -66,7 +64,7 @@ def config_fingerprint(config) -> str:
             node = node.get(section, {})
         return node, name
 
-    for key in MACHINE_LOCAL_KEYS + PADDING_KEYS:
+    for key in MACHINE_LOCAL_KEYS + buckets.CONFIG_KEYS:
         node, name = parent(key)
         node.pop(name, None)
     for key, old in ADDED_SETTINGS.items():

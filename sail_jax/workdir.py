@@ -21,6 +21,7 @@ import time
 
 from etils import epath
 
+from sail_jax.data.buckets import CONFIG_KEYS
 from sail_jax.errors import UserError
 
 IDENTITY_FILE = "run_config.json"
@@ -31,7 +32,7 @@ LOCK_FILE = ".lock"
 # saves, and what it prints. A prefix ending in "." covers a whole section.
 FREE_KEYS = ("steps", "log_every", "eval_every", "eval_batch_size", "checkpoint.", "export", "plan_targets",
              "model.hub_id", "sail.log_term_grads", "log_completions", "logging.", "compilation_cache",
-             "data.buckets", "data.bucket_min", "data.packing",  # padding cut: the same losses, fewer FLOPs
+             *CONFIG_KEYS, "data.packing",  # padding cut: the same losses, fewer FLOPs
              "generation.slots")  # continuous batching draws the same samples
 # Keys added since runs were first saved whose default is not empty but still means "off".
 OFF_DEFAULTS = {"sail.opponent": "policy", "sail.mixture_coef": 0.5, "data.shuffle": True, "data.group_window": 64}

@@ -20,6 +20,8 @@ import numpy as np
 from sail_jax.errors import UserError
 
 BUCKETINGS = ("pow2_half", "pow2", "none", "a positive integer N (multiples of N)")
+# The config keys that choose the buckets: they cut padding, so they change float rounding, not a run.
+CONFIG_KEYS = ("data.buckets", "data.bucket_min")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Buckets:
 
     @classmethod
     def from_config(cls, data_cfg) -> "Buckets":
-        return cls.parse(data_cfg.get("buckets", "pow2_half"), data_cfg.get("bucket_min", 16))
+        return cls.parse(data_cfg.get("buckets", cls.kind), data_cfg.get("bucket_min", cls.minimum))
 
     def length(self, n: int, cap: int) -> int:
         """The smallest bucket that holds ``n`` positions, never over ``cap``."""
