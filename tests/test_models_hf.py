@@ -45,6 +45,18 @@ def test_causal_lm_logits_match_transformers_on_left_padded_batch(case, save_hf)
     _assert_close_on_mask(ours, torch_logits(hf, ids, mask), mask, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["llama", "mistral_window"])
+def test_long_rows_take_blockwise_causal_attention_and_match_transformers(case, save_hf):
+    """Rows of 300 tokens go through the blockwise causal attention (2 query blocks), one of them
+    left-padded past the first block."""
+    cls_name, overrides = CAUSAL_CASES[case]
+    hf = random_hf_model(cls_name, max_position_embeddings=512, **overrides)
+    ids, mask = left_padded_batch(97, batch=2, length=300)
+    mask[1, :170] = 0
+    ours = load_pretrained(save_hf(hf))(jnp.asarray(ids), jnp.asarray(mask))
+    _assert_close_on_mask(ours, torch_logits(hf, ids, mask), mask, atol=1e-4)
+
+
 def test_left_padding_does_not_change_a_rows_logits(save_hf):
     model = load_pretrained(save_hf(random_hf_model("MistralForCausalLM", sliding_window=4)))
     ids, mask = left_padded_batch(97, batch=3, length=10)

@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sail_jax.models.attention import causal_attention, dot_product_attention, make_attention_mask
 from sail_jax.models.config import ModelConfig
 from sail_jax.models.quantize import dequantize_kernel
-
-_MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 class Linear(nnx.Module):
@@ -106,33 +105,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
-def make_attention_mask(q_pos, k_pos, q_slot, k_slot, k_valid, window: int | None) -> jax.Array:
-    """Boolean ``[b, t, s]``: query t may see key s (valid, causal in slot order, inside the window)."""
-    allowed = k_valid[:, None, :] & (k_slot[:, None, :] <= q_slot[:, :, None])
-    if window is not None:
-        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    return allowed
-
-
-def dot_product_attention(q, k, v, mask) -> jax.Array:
-    """Grouped-query attention. ``q [b,t,h,d]``, ``k [b,kv,s,d]``, ``v [b,kv,d,s]``, ``mask [b,t,s]``
-    -> ``[b,t,h,d]``.
-
-    Keys and values come in the KV cache's layout, where both matmuls contract their operands'
-    minor axes, so a decode step reads the cache in place (with ``[b,s,kv,d]`` XLA:CPU transposed
-    the whole cache, three copies per layer per step). Softmax in float32; fully masked rows
-    (padding queries) get uniform weights instead of NaN.
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[1]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bkds->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
-
-
 @flax.struct.dataclass
 class KVCache:
     """Preallocated keys/values for incremental decoding; a PyTree, so it can be donated to jit.
@@ -196,7 +168,8 @@ class Attention(nnx.Module):
             else:
                 k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), end, axis=2)
                 v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), end, axis=3)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_fn(self.window))
+        attend = dot_product_attention if cache_kv is not None else causal_attention
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_fn(self.window))
         return self.o_proj(out), (k, v)
 
 
