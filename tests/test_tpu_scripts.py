@@ -2,11 +2,13 @@
 (also of experiments/ifeval_on_one_gpu.sh)."""
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
 
 import pytest
+from test_install import _python_requires
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["create.sh", "setup.sh", "sync.sh", "launch.sh", "logs.sh", "stop.sh", "delete.sh", "watch.sh"]
@@ -99,7 +101,13 @@ def test_setup_installs_the_tpu_extra_from_a_ref_or_a_wheel(tmp_path):
     remote = ssh[-1].removeprefix("--command=")
     # The ref is fetched and checked out as it is now, on a fresh or an existing clone.
     assert "--worker=all" in ssh and "fetch -q origin v0.2 && git -C sail-jax checkout -q --detach FETCH_HEAD" in remote
-    assert 'pip install -q -c sail-jax/constraints.txt -e "sail-jax[tpu]"' in remote
+    # The venv's Python comes from uv, not the image (tpu-ubuntu2204-base has 3.10), at a version the pins install on.
+    python = re.search(r"uv venv -q --seed --python (3\.\d+) ~/sail-venv && \. ~/sail-venv/bin/activate", remote)
+    assert python and "pip install -q --user uv==" in remote and "python3 -m venv" not in remote
+    assert _python_requires().contains(f"{python.group(1)}.0")
+    assert 'uv pip install -q -c sail-jax/constraints.txt -e "sail-jax[tpu]"' in remote
+    custom = _commands(_run("setup.sh", *SLICE, "--dry-run", env={"SAIL_PYTHON": "3.13"}))[0][-1]
+    assert "--python 3.13 ~/sail-venv" in custom
     wheel = tmp_path / "sail_jax-0.1.0-py3-none-any.whl"
     scp, ssh = _commands(_run("setup.sh", *SLICE, "--wheel", str(wheel), "--dry-run"))
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and scp[5] == str(wheel)

@@ -12,10 +12,14 @@ Usage: tpu_scripts/setup.sh --name NAME --zone ZONE [--repo URL] [--ref REF | --
   --ref     branch, tag or commit to check out (default main)
   --wheel   install this local wheel instead (copied to every worker); constraints.txt is still
             taken from the checkout at --ref so every worker gets the same pinned stack
-  Each worker gets ~/sail-venv and ~/sail-jax; `pip install -c constraints.txt -e ".[tpu]"`.
+  Each worker gets ~/sail-jax and ~/sail-venv, a venv on Python $SAIL_PYTHON (default 3.12) made by
+  uv $UV_VERSION whatever the image's own Python is (tpu-ubuntu2204-base has 3.10, which the pinned
+  stack does not support), then `uv pip install -c constraints.txt -e ".[tpu]"` (libtpu pinned there).
 USAGE
 }
 
+SAIL_PYTHON="${SAIL_PYTHON:-3.12}"  # inside setup.py's python_requires
+UV_VERSION="${UV_VERSION:-0.13.9}"
 WHEEL=""
 parse_common "$@"
 set -- "${REST[@]+"${REST[@]}"}"
@@ -32,13 +36,15 @@ require TPU_ZONE --zone
 # Fetch the ref itself and check out what it names now (a branch on an existing clone advances too).
 checkout="{ [ -d $SAIL_HOME/.git ] || git clone -q $SAIL_REPO $SAIL_HOME; } && \
 git -C $SAIL_HOME fetch -q origin $SAIL_REF && git -C $SAIL_HOME checkout -q --detach FETCH_HEAD"
-venv="python3 -m venv ~/sail-venv && . ~/sail-venv/bin/activate && pip install -q -U pip"
+# uv brings its own interpreter, so the venv does not depend on the image's Python or its python3-venv.
+venv="python3 -m pip install -q --user uv==$UV_VERSION && ~/.local/bin/uv venv -q --seed --python $SAIL_PYTHON \
+~/sail-venv && . ~/sail-venv/bin/activate"
 if [[ -n "$WHEEL" ]]; then
   [[ "$DRY_RUN" == 1 || -f "$WHEEL" ]] || die "--wheel $WHEEL does not exist"
   where
   run gcloud compute tpus tpu-vm scp "$WHEEL" "$TPU_NAME":~/ "${WHERE[@]}" --worker=all
-  install="pip install -q -c $SAIL_HOME/constraints.txt \"\$HOME/$(basename "$WHEEL")[tpu]\""
+  install="\$HOME/.local/bin/uv pip install -q -c $SAIL_HOME/constraints.txt \"\$HOME/$(basename "$WHEEL")[tpu]\""
 else
-  install="pip install -q -c $SAIL_HOME/constraints.txt -e \"${SAIL_HOME}[tpu]\""
+  install="\$HOME/.local/bin/uv pip install -q -c $SAIL_HOME/constraints.txt -e \"${SAIL_HOME}[tpu]\""
 fi
 on_all_workers "set -e; $checkout; $venv; $install; python -c 'import jax; print(jax.process_index(), jax.device_count())'"
