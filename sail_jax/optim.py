@@ -66,12 +66,26 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
-def _constructor_kwargs(name: str, kwargs: dict) -> dict:
+def set_kwargs(cfg) -> dict:
+    """``optim.kwargs`` that are set (the unset placeholders mean optax's defaults)."""
+    return {k: v for k, v in dict(cfg.get("kwargs", {}) or {}).items() if v is not None}
+
+
+def unaccepted_kwargs(name: str, kwargs) -> str:
+    """Why ``optim.kwargs`` cannot go to optimizer ``name`` ('' when they can): checked in validation,
+    before any model is loaded."""
     accepted = inspect.signature(OPTIMIZERS[name]).parameters
     unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(f"optim.kwargs: {unknown} not accepted by optax.{OPTIMIZERS[name].__name__}; "
-                         f"valid: {sorted(k for k in accepted if k != 'learning_rate')}")
+    if not unknown:
+        return ""
+    return (f"config.optim.kwargs: {unknown} not accepted by optax.{OPTIMIZERS[name].__name__} (optim.name={name!r}); "
+            f"valid: {sorted(k for k in accepted if k != 'learning_rate')}")
+
+
+def _constructor_kwargs(name: str, kwargs: dict) -> dict:
+    problem = unaccepted_kwargs(name, kwargs)
+    if problem:
+        raise ValueError(problem)
     return dict(kwargs)
 
 
@@ -86,7 +100,7 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     accum = int(cfg.get("grad_accum_steps", 1))
     if accum < 1:
         raise ValueError(f"optim.grad_accum_steps must be >= 1, got {accum}")
-    kwargs = _constructor_kwargs(name, {k: v for k, v in dict(cfg.get("kwargs", {}) or {}).items() if v is not None})
+    kwargs = _constructor_kwargs(name, set_kwargs(cfg))
     wd, clip = float(cfg.get("weight_decay", 0.0)), float(cfg.get("clip_norm", 0.0))
 
     def build(learning_rate):

@@ -18,7 +18,11 @@ from sail_jax.tokenization import Tokenizer, TruncationError
 @pytest.mark.parametrize("line,message", [
     ('{"prompt": "p", "chosen": "c"}', r"pairs.jsonl:2: missing field\(s\) \['rejected'\]"),
     ('{"prompt": "p", "chosen": "c", "rejected": 3}', r"pairs.jsonl:2: field 'rejected' must be a non-empty string"),
-    ('{"prompt": "p", "chosen": "c", "rejected": "r"', r"pairs.jsonl:2: invalid JSON"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r"', r"pairs.jsonl:2: invalid JSON at column 47: Expecting ',' "
+                                                       r"delimiter; the line ends before its object does"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r', r"pairs.jsonl:2: invalid JSON at column 44: Unterminated "
+                                                     r"string starting; the line ends before its object does"),
+    ('{"prompt": "p", "chosen": c, "rejected": "r"}', r"pairs.jsonl:2: invalid JSON at column 27: Expecting value$"),
     ('["p", "c", "r"]', r"pairs.jsonl:2: expected a JSON object"),
 ])
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, line, message):
@@ -40,8 +44,12 @@ def test_skip_mode_counts_every_bad_row(tmp_path):
 def test_empty_jsonl_is_an_error(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
-    with pytest.raises(ValueError, match="no usable records"):
+    with pytest.raises(ValueError, match=r"empty.jsonl: the file has no records \(expected one JSON object per line "
+                                         r"with \['prompt', 'chosen', 'rejected'\]\)$"):
         read_jsonl(str(path))
+    path.write_text('{"prompt": 1}\n')
+    with pytest.raises(ValueError, match=r"no usable records .*; all 1 skipped, the first: .*empty.jsonl:1: missing field"):
+        read_jsonl(str(path), on_error="skip")
 
 
 def test_sft_records_accept_preference_rows_and_use_chosen(tmp_path):

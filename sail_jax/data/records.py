@@ -95,15 +95,22 @@ def _jsonl_rows(path: str):
                 continue
             where = f"{path}:{line_no}"
             try:
-                yield where, json.loads(line)
+                yield where, json.loads(line.rstrip())  # columns of the line, not of its newline
             except json.JSONDecodeError as e:
-                yield where, RecordError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                cut = not line.rstrip().endswith("}")
+                yield where, RecordError(
+                    f"{where}: invalid JSON at column {e.colno}: {e.msg.removesuffix(' at')}"
+                    + ("; the line ends before its object does (a record cut short, or one object split over "
+                       "several lines: JSONL needs each on one line)" if cut else ""))
 
 
 def read_jsonl(path: str, kind: str = "preference", on_error: str = "raise") -> Records:
     """All records of a JSONL file (one JSON object per line; blank lines ignored)."""
     records = collect(_jsonl_rows(path), kind, on_error)
     if not records.rows:
-        raise RecordError(f"{path}: no usable records (expected one JSON object per line with "
-                         f"{list(KIND_FIELDS[kind])}); skipped {records.skipped}: {records.first_error}")
+        expected = f"one JSON object per line with {list(KIND_FIELDS[kind])}"
+        if not records.skipped:
+            raise RecordError(f"{path}: the file has no records (expected {expected})")
+        raise RecordError(f"{path}: no usable records (expected {expected}); all {records.skipped} skipped, "
+                          f"the first: {records.first_error}")
     return records
