@@ -10,4 +10,6 @@ from sail_jax.configs import sail_config
 
 
 def get_config():
-    return sail_config("sail_pp_revkl")
+    config = sail_config("sail_pp_revkl")
+    config.sail.log_term_grads = True  # each term's gradient norm at log steps: cheap at the task's size
+    return config

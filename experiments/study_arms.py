@@ -91,7 +91,6 @@ def make_config(name: str, *, steps: int, out: str, task: str, gguf: str = "", r
     if task == "ifeval":
         c = ifeval_config("offline_dpo", reduced=reduced)
         c.task.gguf = gguf
-        c.sail.log_term_grads = False  # four extra backward passes per logged step: diagnostics, not results
         if not reduced:
             # Fewer updates than the preset's 200 (every arm runs 5 seeds on one GPU) at twice its learning
             # rate: about the same distance travelled under RMSprop, whose step size is set by the rate.

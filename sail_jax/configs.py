@@ -171,7 +171,7 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
         "score_term": "unbiased",  # or released_code (compatibility mode)
         "released_code_scale": placeholder(float),  # released_code: hook factor (default: rows per device x accum)
         "score_temperature": placeholder(float),  # default: generation.temperature (released_code: 1)
-        "log_term_grads": True,  # at log steps: each term's gradient norm (one extra backward pass per term)
+        "log_term_grads": False,  # at log steps: each term's gradient norm (one extra backward pass per term)
         "num_samples": 2,
         "pair_selection": "first_two",  # first_two | max_min | random
         "pp_label_mode": "sample", "pr_label_mode": "argmax",
@@ -282,7 +282,6 @@ def preset_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
     c.generation.update(max_new_tokens=256, temperature=1.0)
     c.reward.update(kind="model", path="", missing_eos_penalty=0.0)  # path: the reward model folder
     c.optim.update(learning_rate=p["learning_rate"], warmup_steps=10)
-    c.sail.log_term_grads = False  # four extra backward passes per logged step: too dear at this size
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.batch_size, c.eval_batch_size = p["batch_size"], p["batch_size"]
     c.steps, c.log_every, c.eval_every = 1000, 10, 100
