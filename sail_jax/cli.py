@@ -3,9 +3,8 @@
 ``sail-jax task --config=... --workdir=DIR``: build a SAIL config's task files in one process (what a
 multi-host slice, which cannot build them, is given; tpu_scripts/launch.sh --task_bucket does this).
 
-A run validates the whole config first, then holds the workdir's lock, checks that a resumed run keeps
-its config (sail_jax.workdir), and runs the recipe. The same command on a finished run prints its
-saved summary. User errors print one message and exit 2 (``--debug``: with the traceback); a run
+A run goes through ``sail_jax.launch`` (validation, the workdir's lock, resume checks, the recipe); the
+same command on a finished run prints its saved summary. User errors print one message and exit 2 (``--debug``: with the traceback); a run
 stopped by SIGTERM/SIGINT saves a checkpoint and exits 128 + the signal number.
 """
 
@@ -79,59 +78,12 @@ def _task(config, workdir: str) -> None:
     print(os.path.dirname(paths["train"]))
 
 
-def _admit(config, workdir: str, lock) -> str | None:
-    """Process 0's checks before a run: the lock, the stored identity; returns the saved summary of a
-    finished run (nothing to do), else records this config as the run's and returns None."""
-    from sail_jax.train import checkpoint_dir
-    from sail_jax.workdir import Identity, clear_summary, finished_summary
-
-    took_over = lock.acquire()
-    if took_over:
-        print(took_over, file=sys.stderr)
-    if "steps" in config:  # a training run (score_pairs is one pass: nothing to resume)
-        identity = Identity(checkpoint_dir(config, workdir))
-        for change in identity.check(config, allow_change=_ALLOW_CHANGE.value):
-            print(f"config change allowed (--allow_config_change): {change}", file=sys.stderr)
-        done = finished_summary(workdir, config)
-        if done is not None:
-            return done
-        clear_summary(workdir)
-        identity.save(config)
-    with open(os.path.join(workdir, "config.txt"), "w") as f:
-        f.write(str(config))  # the resolved config, overrides included
-    return None
-
-
 def _train(config, workdir: str) -> None:
-    from sail_jax import compile_cache, distributed
-    from sail_jax.errors import UserError
-    from sail_jax.recipes import get_recipe
-    from sail_jax.validation import validate_config
-    from sail_jax.workdir import WorkdirLock
+    from sail_jax import distributed
+    from sail_jax.launch import launch
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
-    validate_config(config)  # the whole config, before any task is built or model loaded
-    compile_cache.enable(config.get("compilation_cache", ""))
-    lock = WorkdirLock(workdir)
-    try:
-        # Process 0 decides (its workdir holds the lock and the summary) and tells the others.
-        done, error = None, None
-        if distributed.is_main():
-            try:
-                done = _admit(config, workdir, lock)
-            except UserError as e:
-                error = e
-        go = distributed.from_main(-1 if error else 0 if done is not None else 1)
-        if error is not None:
-            raise error
-        if go < 0:
-            raise UserError("process 0 refused to start this run; its log says why")
-        if done is not None:
-            print(f"{workdir} holds a finished run of this config ({config.steps} steps); its summary:\n\n{done}")
-        elif go:
-            get_recipe(config.recipe)(config, workdir)
-    finally:
-        lock.release()
+    launch(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
 
 
 def _main(argv):

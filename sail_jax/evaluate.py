@@ -8,6 +8,9 @@
   heldout/*   implicit-reward margin and accuracy on held-out preference pairs (TRL names), when
               the held-out set has pairs
 
+With no reward source (a run on the user's own model and data that names none), reward, score and
+win_rate are left out, and the rest is reported.
+
 The reference's samples and its log-probs of the held-out pairs are computed once; every evaluation
 uses the same key, so curves compare like with like.
 """
@@ -61,6 +64,8 @@ def health_problems(metrics: dict, bounds: dict = HEALTH_BOUNDS) -> list[str]:
     """The bounds an evaluation breaks, as readable strings (empty: healthy)."""
     problems = []
     for key, (low, high) in bounds.items():
+        if key not in metrics:  # reward, with no reward source to score it
+            continue
         if low is not None and not metrics[key] >= low:
             problems.append(f"{key} {metrics[key]:.3f} < {low}")
         if high is not None and not metrics[key] <= high:
@@ -133,8 +138,9 @@ class Evaluator:
             out["finished"].append(finished[:keep])
         out = {k: np.concatenate(v) for k, v in out.items()}
         texts = decode_responses(self.tokenizer, out["tokens"], out["mask"])
-        out["score"] = self.reward_source(self.prompts, texts)
-        out["reward"] = out["score"] - self.penalty * (~out["finished"].astype(bool))
+        if self.reward_source is not None:
+            out["score"] = self.reward_source(self.prompts, texts)
+            out["reward"] = out["score"] - self.penalty * (~out["finished"].astype(bool))
         out["texts"] = texts
         return out
 
@@ -148,11 +154,13 @@ class Evaluator:
     def _metrics(self, which, params) -> dict[str, float]:
         pol = self.last = self._samples(which, params, jax.random.fold_in(self.key, 2))
         ref = self.reference
-        metrics = {
+        metrics = {} if self.reward_source is None else {
             "reward": float(np.mean(pol["reward"])),
             "score": float(np.mean(pol["score"])),
             "reference_reward": float(np.mean(ref["reward"])),
             "win_rate": float(np.mean(pol["reward"] > ref["reward"]) + 0.5 * np.mean(pol["reward"] == ref["reward"])),
+        }
+        metrics |= {
             "kl": float(np.mean(pol["logp"] - pol["ref_logp"])),
             "response_length": float(np.mean(pol["mask"].sum(1))),
             "finished": float(np.mean(pol["finished"])),
@@ -182,8 +190,10 @@ class Evaluator:
                                jnp.asarray(ref["rejected"]), beta=self.beta)
         return {f"heldout/{k}": float(v) for k, v in m.items() if k.startswith("rewards/")}
 
-    def sample_table(self, n: int = 4) -> list[tuple[str, str, float, str, float]]:
-        """A few (prompt, reference response, reward, latest policy response, reward) rows for the summary."""
+    def sample_table(self, n: int = 4) -> list[tuple[str, str, float | None, str, float | None]]:
+        """A few (prompt, reference response, reward, latest policy response, reward) rows for the summary
+        (rewards None with no reward source)."""
         pol, ref = self.last, self.reference
-        return [(str(self.prompts[i]), ref["texts"][i], float(ref["reward"][i]), pol["texts"][i],
-                 float(pol["reward"][i])) for i in range(min(n, len(self.prompts)))]
+        reward = (lambda s, i: None) if self.reward_source is None else (lambda s, i: float(s["reward"][i]))  # noqa: E731
+        return [(str(self.prompts[i]), ref["texts"][i], reward(ref, i), pol["texts"][i], reward(pol, i))
+                for i in range(min(n, len(self.prompts)))]

@@ -207,7 +207,7 @@ class OnlineLoop:
         k = int(self.sail.num_samples)
         reward = np.zeros((b, k), np.float32)
         pr_rows = np.where(routes == ROUTE_PR)[0]
-        if samples is not None and len(pr_rows):
+        if samples is not None and len(pr_rows) and self.reward_source is not None:  # None: SPIN reads no reward
             flat = (pr_rows[:, None] * k + np.arange(k)).reshape(-1)
             texts = decode_responses(self.tokenizer, samples["tokens"][flat], samples["mask"][flat])
             prompts = [self.train_prompts[batch["index"][i]] for i in pr_rows for _ in range(k)]

@@ -46,9 +46,31 @@ class OracleReward:
         return np.asarray([self.fn(p, r) for p, r in zip(prompts, responses)], np.float32)
 
 
+# Reward functions handed over as Python objects (``sail_jax.run(config, workdir, reward=fn)``), under the
+# name ``reward.fn`` gives them ("callable:<module>.<qualname>"): the config stays text, saved with the
+# run and compared when it resumes.
+CALLABLE_PREFIX = "callable:"
+_CALLABLES: dict[str, Callable] = {}
+
+
+def register_callable(fn) -> str:
+    """``fn``'s name for ``reward.fn``; later lookups of that name (``import_function``) return ``fn``."""
+    if not callable(fn):
+        raise RewardError(f"reward={fn!r} is not callable: pass a function (prompts, responses) -> one float each")
+    name = f"{CALLABLE_PREFIX}{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    _CALLABLES[name] = fn
+    return name
+
+
 def import_function(spec: str, key: str = "reward.fn") -> Callable:
     """The callable named ``package.module:function`` (the module must be importable: installed, or on
-    PYTHONPATH)."""
+    PYTHONPATH), or one handed to ``sail_jax.run`` in this process."""
+    if spec.startswith(CALLABLE_PREFIX):
+        if spec not in _CALLABLES:
+            raise RewardError(f"config.{key}={spec!r} was a Python function handed to sail_jax.run; hand it over "
+                              "again (sail_jax.run(config, workdir, reward=fn)), or name an importable one as "
+                              "'package.module:function'")
+        return _CALLABLES[spec]
     module, _, name = spec.partition(":")
     if not module or not name:
         raise RewardError(f"config.{key}={spec!r} must name a function as 'package.module:function'")
@@ -173,11 +195,18 @@ def _configured(cfg, kind: str, prefix: str = ""):
     return _source(kind, cfg.get(arg_key, "") if kind in ("model", "python") else "", f"reward.{arg_key}")
 
 
+def reward_configured(cfg) -> bool:
+    """Whether ``config.reward`` names a source (``kind`` or ``sources``)."""
+    return bool(cfg.get("kind", "") or cfg.get("sources", ""))
+
+
 def make_reward_source(cfg):
-    """From ``config.reward``: ``sources``, or ``kind`` with ``path`` (model) or ``fn`` (python)."""
+    """From ``config.reward``: ``sources``, or ``kind`` with ``path`` (model) or ``fn`` (python); None
+    when neither is set (a run on the user's own model and data that names no reward: nothing is
+    scored, rather than scored by a task's oracle that knows nothing of that data)."""
     if cfg.get("sources", ""):
         return WeightedReward(cfg.sources)
-    return _configured(cfg, cfg.kind)
+    return _configured(cfg, cfg.kind) if cfg.get("kind", "") else None
 
 
 def make_eval_reward_source(cfg):

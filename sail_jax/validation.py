@@ -15,7 +15,7 @@ from sail_jax.data.records import ON_ERROR
 from sail_jax.errors import UserError
 from sail_jax.losses import LOSS_TYPES
 from sail_jax.models.quantize import KINDS as QUANT_KINDS
-from sail_jax.optim import OPTIMIZERS, SCHEDULES
+from sail_jax.optim import OPTIMIZERS, SCHEDULES, set_kwargs, unaccepted_kwargs
 from sail_jax.sharding import AXES, resolve_axis_sizes
 
 
@@ -58,6 +58,8 @@ def validate_model_options(model) -> None:
 
 def validate_optim(optim) -> None:
     _require(optim.name in OPTIMIZERS, f"config.optim.name={optim.name!r} is unknown; valid: {sorted(OPTIMIZERS)}")
+    problem = unaccepted_kwargs(optim.name, set_kwargs(optim))
+    _require(not problem, problem)
     _require(optim.schedule in SCHEDULES, f"config.optim.schedule={optim.schedule!r} is unknown; valid: {list(SCHEDULES)}")
     _require(float(optim.learning_rate) >= 0 and math.isfinite(float(optim.learning_rate)),
              f"config.optim.learning_rate={optim.learning_rate!r} must be a finite number >= 0")
@@ -68,6 +70,12 @@ def _validate_run(config, *, task_builds_model: bool = False) -> None:
     if not task_builds_model:
         _require(bool(config.model.path), "config.model.path is empty: point it at a local Hugging Face model folder")
         _require(os.path.isdir(config.model.path), f"config.model.path={config.model.path!r} is not a folder")
+        tokenizer = config.model.get("tokenizer_path", "") or config.model.path
+        _require("://" in tokenizer or os.path.isfile(os.path.join(tokenizer, "tokenizer.json")),
+                 f"config.model.{'tokenizer_path' if tokenizer != config.model.path else 'path'}={tokenizer!r} has "
+                 "no tokenizer.json (sail-jax reads fast tokenizers): save one there with transformers' "
+                 "AutoTokenizer.from_pretrained(...).save_pretrained(folder), or set config.model.tokenizer_path "
+                 "to a folder that has it")
     validate_model_options(config.model)
     for key in ("steps", "log_every", "eval_every"):
         _require(int(config[key]) >= 1, f"config.{key}={config[key]!r} must be >= 1")
@@ -276,8 +284,15 @@ def validate_online_config(config) -> None:
                  f"{s.p_dp}, p_pp={s.p_pp}, p_pr={s.p_pr}, opponent={opponent!r}; set p_pp + p_pr = 1 and p_dp = 0 "
                  "(SPIN's opponent='data' needs pairs), or train on pairs (data.train_kind='preference')")
     _require(config.reward.kind in ("", *REWARD_KINDS),
-             f"config.reward.kind={config.reward.kind!r} is unknown; valid: '' (the task's oracle) or "
-             f"{list(REWARD_KINDS)}")
+             f"config.reward.kind={config.reward.kind!r} is unknown; valid: '' (none; with no model.path, the "
+             f"task's oracle) or {list(REWARD_KINDS)}")
+    from sail_jax.rewards import reward_configured
+
+    _require(task_builds_model or reward_configured(config.reward) or float(s.p_pr) == 0 or opponent == "data",
+             f"config.reward.kind is empty, but sail.p_pr={s.p_pr} labels sampled pairs with a reward: set "
+             f"reward.kind to one of {list(REWARD_KINDS)} ('model' with reward.path, 'python' with reward.fn), or "
+             "reward.sources; a task's oracle scores only its own task, so it is the default only where the task "
+             "builds the model (no model.path)")
     eval_kind = config.reward.get("eval_kind", "")
     _require(eval_kind in ("", *REWARD_KINDS),
              f"config.reward.eval_kind={eval_kind!r} is unknown; valid: '' (the labels' source) or {list(REWARD_KINDS)}")

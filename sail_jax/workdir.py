@@ -101,7 +101,8 @@ class Identity:
             raise ConfigChanged(
                 f"{self.dir} holds checkpoints of a run with another config; resuming would change:\n  "
                 + "\n  ".join(changes) + "\nUse a new --workdir (or --config.checkpoint.dir), or pass "
-                "--allow_config_change to resume with the new values.")
+                "--allow_config_change (from Python: sail_jax.run(..., allow_config_change=True)) to resume with the new "
+                "values.")
         return changes
 
     def save(self, config) -> None:

@@ -41,3 +41,41 @@ def test_unknown_recipe_lists_valid_ones():
 
     with pytest.raises(UserError, match=r"config.recipe='ppo' is unknown; valid: \['dpo', 'reward', 'sail', 'score_pairs', 'sft'\]"):
         get_recipe("ppo")
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "sail"])
+def test_bad_inputs_fail_in_validation_before_any_model_loads_with_one_line_naming_the_fix(tiny_checkpoint, tmp_path,
+                                                                                        recipe):
+    """Each case stops in ``validate_config`` (the CLI prints the line and exits 2, no traceback)."""
+    import shutil
+
+    from conftest import synthetic_pairs, write_jsonl
+
+    from sail_jax.configs import base_config, sail_config
+    from sail_jax.errors import UserError
+    from sail_jax.validation import validate_config
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(4))
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_checkpoint, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+
+    def config(**changes):
+        c = base_config("dpo") if recipe == "dpo" else sail_config("sail_pp")
+        c.model.path, c.data.train_path, c.data.eval_path = tiny_checkpoint, pairs, pairs
+        for key, value in changes.items():
+            section, name = key.split(".", 1)
+            c[section][name] = value
+        return c
+
+    cases = [
+        (config(**{"model.path": str(no_tokenizer)}),
+         rf"config.model.path='{no_tokenizer}' has no tokenizer.json \(sail-jax reads fast tokenizers\): save one"),
+        (config(**{"model.tokenizer_path": str(no_tokenizer)}), "config.model.tokenizer_path=.* has no tokenizer.json"),
+        (config(**{"optim.name": "adam", "optim.kwargs": {"momentum": 0.9}}),
+         r"config.optim.kwargs: \['momentum'\] not accepted by optax.adam \(optim.name='adam'\); valid: \['b1', "),
+    ]
+    for bad, message in cases:
+        with pytest.raises(UserError, match=message):
+            validate_config(bad)
+    validate_config(config())

@@ -139,3 +139,94 @@ def test_a_python_reward_labels_sail_pr_end_to_end(plugin, tmp_path, reward):
     assert summary["final"]["reward"] > summary["reference"]["reward"] + 0.5, summary
     logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert any("pr/sample_reward" in r for r in logged if r["split"] == "train")
+
+
+@pytest.mark.parametrize("variant,needs_reward", [("sail_pr", True), ("online_dpo", True), ("xpo", True),
+                                                  ("nash_md", True), ("sail_pp", False), ("spin", False),
+                                                  ("sail_dp", False), ("offline_dpo", False)])
+def test_own_model_with_no_reward_named_fails_before_any_work_where_a_route_scores_samples(
+        tiny_checkpoint, tmp_path, variant, needs_reward):
+    """A task's oracle scores only its task: on the user's model and data, a route that labels samples
+    with a reward and no reward named stops at validation; routes that read no reward run."""
+    from conftest import synthetic_pairs, write_jsonl
+
+    from sail_jax.validation import validate_online_config
+
+    config = sail_config(variant)
+    config.model.path = tiny_checkpoint
+    config.data.train_path = config.data.eval_path = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(4))
+    if needs_reward:
+        with pytest.raises(UserError, match=r"config.reward.kind is empty, but sail.p_pr=[0-9.]+ labels sampled pairs "
+                                             r"with a reward: set reward.kind to one of \['builtin', "):
+            validate_online_config(config)
+        config.reward.kind = "builtin"  # named, even the task's own oracle, it is the user's choice
+    validate_online_config(config)
+    builtin_task = sail_config(variant)  # no model.path: the task builds the model, its oracle scores
+    validate_online_config(builtin_task)
+
+
+def test_evaluation_with_no_reward_reports_kl_and_health_and_says_what_it_left_out(tiny_checkpoint):
+    import ml_collections as mlc
+    from conftest import synthetic_pairs
+    from flax import nnx
+
+    from sail_jax.data.pipeline import encode_online
+    from sail_jax.data.records import Records
+    from sail_jax.evaluate import Evaluator
+    from sail_jax.models import load_pretrained
+    from sail_jax.recipes.sail import summary_text
+    from sail_jax.tokenization import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
+    rows = synthetic_pairs(4, seed=3)
+    arrays = encode_online(Records(rows), tokenizer, max_prompt_length=64, max_response_length=8).arrays
+    graphdef, params = nnx.split(load_pretrained(tiny_checkpoint))
+    ev = Evaluator(graphdef, (graphdef, params), prompts=[r["prompt"] for r in rows], eval_arrays=arrays,
+                   reward_source=None, tokenizer=tokenizer, gen_cfg=mlc.ConfigDict({"max_new_tokens": 8}),
+                   beta=0.1, batch_size=4, seed=0)
+    metrics = ev(params)
+    assert not {"reward", "score", "win_rate", "reference_reward"} & set(metrics)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-5) and 0 < metrics["distinct_2"] <= 1
+    assert "heldout/rewards/accuracies" in metrics
+    summary = {"variant": "sail_pp", "reference": metrics, "final": metrics}
+    text = summary_text(summary, ev.sample_table(), oracle=False)
+    assert "no reward configured" in text and "(+" not in text
+    assert text.splitlines()[1].split()[3:5] == ["-", "-"]  # the reward and win-rate columns
+
+
+def test_a_python_callable_labels_a_run_on_your_own_model_and_data_from_sail_jax_run(tiny_checkpoint, tmp_path):
+    """``sail_jax.run(config, workdir, reward=fn)``, as a notebook calls it: the function labels the PR
+    route and scores the evaluation; the run's saved config names it; the same call on the finished
+    run returns its summary; a reward named twice, or given to a recipe that reads none, is refused."""
+    import sail_jax
+    from conftest import synthetic_pairs, write_jsonl
+
+    from sail_jax.configs import base_config
+
+    def config():
+        c = sail_config("online_dpo")
+        c.model.path = tiny_checkpoint
+        c.data.train_path = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(32, 1))
+        c.data.eval_path = write_jsonl(tmp_path / "eval.jsonl", synthetic_pairs(8, 2))
+        c.data.max_prompt_length = 40
+        c.update(steps=4, batch_size=8, eval_batch_size=8, eval_every=4, log_every=1, compilation_cache="off")
+        c.checkpoint.every = 0
+        return c
+
+    def words(prompts, responses):
+        return [float(len(r.split())) for r in responses]
+
+    summary = sail_jax.run(config(), str(tmp_path / "run"), reward=words)
+    assert summary["final"]["reward"] >= 0 and "win_rate" in summary["final"]
+    [identity] = (tmp_path / "run").rglob("run_config.json")
+    saved = json.loads(identity.read_text())
+    assert saved["reward.kind"] == "python" and saved["reward.fn"].endswith(".words")
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any("pr/sample_reward" in r for r in logged if r["split"] == "train")
+    assert sail_jax.run(config(), str(tmp_path / "run"), reward=words) == (tmp_path / "run" / "summary.txt").read_text()
+    named = config()
+    named.reward.kind = "builtin"
+    with pytest.raises(UserError, match=r"reward=... and config.reward \(kind='builtin', sources=''\) both name"):
+        sail_jax.run(named, str(tmp_path / "named"), reward=words)
+    with pytest.raises(UserError, match="config.recipe='dpo' reads no reward"):
+        sail_jax.run(base_config("dpo"), str(tmp_path / "dpo"), reward=words)

@@ -19,7 +19,7 @@ from sail_jax.data.pipeline import encode_online, load_records
 from sail_jax.models import load_pretrained
 from sail_jax.online import OnlineLoop
 from sail_jax.progress import say
-from sail_jax.rewards import make_eval_reward_source, make_reward_source
+from sail_jax.rewards import make_eval_reward_source, make_reward_source, reward_configured
 from sail_jax.sharding import make_mesh, sharding_fn
 from sail_jax.tasks import TASK_NAMES
 from sail_jax.tasks.prepare import prepare_task
@@ -32,9 +32,10 @@ from sail_jax.workdir import write_summary
 def run(config, workdir: str) -> dict:
     validate_online_config(config)  # before the task is built: bad values fail before any work
     os.makedirs(workdir, exist_ok=True)
-    if not config.reward.kind and not config.reward.get("sources", ""):
-        config.reward.kind = config.task.get("name", "builtin")  # the task's own oracle
     builtin = not config.model.path
+    if builtin and not reward_configured(config.reward):
+        config.reward.kind = config.task.get("name", "builtin")  # the task's data: its own oracle, said so
+        say(f"reward: the {config.reward.kind} task's oracle (reward.kind={config.reward.kind!r})")
     if builtin:
         paths = prepare_task(config, workdir)
         config.model.path, config.data.train_path, config.data.eval_path = paths["model"], paths["train"], paths["eval"]
@@ -53,6 +54,9 @@ def run(config, workdir: str) -> dict:
     model = load_pretrained(config.model.path, **model_options(config.model), shardings=sharding_fn(mesh))
     reward_source = make_reward_source(config.reward)
     eval_reward_source = make_eval_reward_source(config.reward)
+    if reward_source is None and eval_reward_source is None:
+        say("evaluation: no reward configured (config.reward.kind is empty): reporting KL(π‖π_ref), response "
+            "length, distinct-2 and held-out pair margins, not reward or win rate")
     loop = OnlineLoop(
         config, model=model, tokenizer=tokenizer, mesh=mesh, workdir=workdir,
         train_arrays=encoded["train"].arrays,
@@ -62,7 +66,8 @@ def run(config, workdir: str) -> dict:
                         "batch_size": config.eval_batch_size, "buckets": Buckets.from_config(d)})
     initial, final = loop.run({f"skipped/{k}": float(v.skipped) for k, v in encoded.items()})
     summary = {"variant": config.get("variant", ""), "steps": config.steps,
-               "reference": {k: initial[k] for k in ("reward", "score", "finished", "win_rate", "kl", "distinct_2")},
+               "reference": {k: initial[k] for k in ("reward", "score", "finished", "win_rate", "kl", "distinct_2")
+                             if k in initial},
                "final": {k: final[k] for k in ("reward", "score", "finished", "win_rate", "kl", "distinct_2",
                                                "heldout/rewards/accuracies") if k in final},
                "train_seconds": loop.seconds["steps"],
@@ -84,11 +89,15 @@ def summary_text(summary, samples, *, oracle: bool) -> str:
     rows = [("SFT / reference", summary["reference"]), (f"{name} (final)", summary["final"])]
     lines = [f"{'':<24} {'reward':>7} {'win rate vs SFT':>16} {'KL(π‖π_ref)':>12} {'distinct-2':>11}"]
     for label, m in rows:
-        lines.append(f"{label:<24} {m['reward']:>7.3f} {m['win_rate']:>16.3f} {m['kl']:>12.3f} "
-                     f"{m['distinct_2']:>11.3f}")
-    lines += ["", "samples (reference → policy, with " + ("oracle" if oracle else "reward") + " scores):"]
+        reward, win = (f"{m[k]:.3f}" if k in m else "-" for k in ("reward", "win_rate"))
+        lines.append(f"{label:<24} {reward:>7} {win:>16} {m['kl']:>12.3f} {m['distinct_2']:>11.3f}")
+    if "reward" not in summary["final"]:
+        lines.append("(no reward configured, so no reward or win rate: set config.reward.kind to measure them)")
+    lines += ["", "samples (reference → policy" + ("" if "reward" not in summary["final"] else
+                                                 ", with " + ("oracle" if oracle else "reward") + " scores") + "):"]
+    score = lambda r: "" if r is None else f" ({r:+.2f})"  # noqa: E731
     for prompt, ref, r_ref, pol, r_pol in samples:
-        lines.append(f"  {prompt!s:<32} {ref!r} ({r_ref:+.2f}) → {pol!r} ({r_pol:+.2f})")
+        lines.append(f"  {prompt!s:<32} {ref!r}{score(r_ref)} → {pol!r}{score(r_pol)}")
     return "\n".join(lines)
 
 
@@ -102,10 +111,11 @@ def _plot(workdir: str):
     evals = sorted({r["step"]: r for r in rows if r["split"] == "eval"}.values(), key=lambda r: r["step"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     steps = [r["step"] for r in evals]
-    axes[0].plot(steps, [r["reward"] for r in evals], marker="o")
-    axes[0].set(xlabel="step", ylabel="oracle reward (held-out prompts)")
-    axes[1].plot([r["kl"] for r in evals], [r["reward"] for r in evals], marker="o")
-    axes[1].set(xlabel="KL(π‖π_ref)", ylabel="oracle reward")
+    y = "reward" if "reward" in evals[-1] else "distinct_2"  # no reward configured: the text's health
+    axes[0].plot(steps, [r[y] for r in evals], marker="o")
+    axes[0].set(xlabel="step", ylabel=f"{y} (held-out prompts)")
+    axes[1].plot([r["kl"] for r in evals], [r[y] for r in evals], marker="o")
+    axes[1].set(xlabel="KL(π‖π_ref)", ylabel=y)
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "curves.png"), dpi=100)
     plt.close(fig)
