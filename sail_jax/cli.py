@@ -1,7 +1,9 @@
 """``sail-jax --config=configs/<recipe>.py --workdir=DIR [--config.key=value ...]``, and
 ``sail-jax plan --config=... [--target=v5e-32]``: the per-device memory plan of a config (sail_jax.plan), and
 ``sail-jax task --config=... --workdir=DIR``: build a SAIL config's task files in one process (what a
-multi-host slice, which cannot build them, is given; tpu_scripts/launch.sh --task_bucket does this).
+multi-host slice, which cannot build them, is given; tpu_scripts/launch.sh --task_bucket does this), and
+``sail-jax show --config=...``: the resolved config, a key a line with its meaning; ``--help`` lists
+recipes, shipped configs and subcommands.
 
 A run goes through ``sail_jax.launch`` (validation, the workdir's lock, resume checks, the recipe); the
 same command on a finished run prints its saved summary. User errors print one message and exit 2 (``--debug``: with the traceback); a run
@@ -46,6 +48,50 @@ def _loaded_config():
     except OSError as e:
         raise UserError(" ".join(str(e).replace("Configuration is not available because of an earlier failure to load: ",
                                                 "").split())) from None
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def help_text() -> str:
+    """What ``sail-jax --help`` prints: the recipes, the shipped configs, the subcommands, overrides."""
+    import ast
+
+    from sail_jax.recipes import RECIPES
+
+    configs = []
+    if os.path.isdir(CONFIGS_DIR):
+        for name in sorted(os.listdir(CONFIGS_DIR)):
+            if name.endswith(".py"):
+                with open(os.path.join(CONFIGS_DIR, name), encoding="utf-8") as f:
+                    doc = ast.get_docstring(ast.parse(f.read())) or ""
+                first = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].split(" — ")[0].rstrip(".")
+                first = first if len(first) <= 110 else first[:109] + "…"  # its first sentence, one line
+                configs.append(f"  configs/{name:<26} {first}")
+    return "\n".join([
+        "usage: sail-jax [plan|task|show] --config=CONFIG[:ARG] [--workdir=DIR] [--config.KEY=VALUE ...]",
+        "",
+        "  (no subcommand)  run the config's recipe in --workdir (a rerun resumes; a finished run prints its summary)",
+        "  show             print the resolved config, a key a line with its meaning",
+        "  plan             per-device memory plan for --target (e.g. v5e-8,1xH100) or the config's plan_targets",
+        "  task             build a SAIL config's built-in task files in one process (for multi-host runs)",
+        "",
+        f"recipes (config.recipe): {', '.join(sorted(RECIPES))}",
+        "",
+        "shipped configs" + ("" if configs else f" (none found: {CONFIGS_DIR} is missing)") + ":",
+        *configs,
+        "",
+        "Any key can be overridden: --config.optim.learning_rate=1e-6 --config.model.path=my_model",
+        "(`sail-jax show --config=...` lists the keys). From Python: sail_jax.run(config, workdir).",
+        "Other flags: --workdir, --allow_config_change, --debug, --multihost, --coordinator, --num_processes,",
+        "--process_id, --target (plan); --helpfull lists every flag.",
+    ])
+
+
+def _show(config) -> None:
+    from sail_jax.config_reference import describe
+
+    print(describe(config))
 
 
 def _plan(config) -> None:
@@ -94,8 +140,11 @@ def _main(argv):
     try:
         if argv[1:] == ["plan"]:
             return _plan(_loaded_config())
+        if argv[1:] == ["show"]:
+            return _show(_loaded_config())
         if len(argv) > 1 and argv[1:] != ["task"]:
-            raise UserError(f"unexpected arguments {argv[1:]}; use `sail-jax [plan|task] --config=... --workdir=...`")
+            raise UserError(f"unexpected arguments {argv[1:]}; use `sail-jax [plan|task|show] --config=... "
+                            "--workdir=...` (sail-jax --help)")
         if not _WORKDIR.value:
             raise UserError("--workdir is required (where checkpoints, logs and the export go)")
         if argv[1:] == ["task"]:
@@ -150,8 +199,11 @@ _CPU_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler"
 def main():
     if _CPU_SCHEDULER not in os.environ.get("XLA_FLAGS", ""):  # must be set before jax starts
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CPU_SCHEDULER}=false".strip()
-    if sys.argv[1:2] == ["plan"]:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a plan is computed on the host; skip the accelerator probe
+    if {"--help", "-h", "--helpshort"} & set(sys.argv[1:]):
+        print(help_text())
+        return
+    if sys.argv[1:2] in (["plan"], ["show"]):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # computed on the host; skip the accelerator probe
     flags.mark_flags_as_required(["config"])
     app.run(_main, flags_parser=_parse_flags)
 

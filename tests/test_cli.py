@@ -79,3 +79,43 @@ def test_bad_inputs_fail_in_validation_before_any_model_loads_with_one_line_nami
         with pytest.raises(UserError, match=message):
             validate_config(bad)
     validate_config(config())
+
+
+def _config_files():
+    import os
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    return root, sorted(f for f in os.listdir(root) if f.endswith(".py"))
+
+
+def test_help_lists_recipes_every_shipped_config_and_the_subcommands():
+    out = subprocess.run([sys.executable, "-m", "sail_jax.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "recipes (config.recipe): dpo, reward, sail, score_pairs, sft" in out.stdout
+    for name in _config_files()[1]:
+        assert f"configs/{name}" in out.stdout
+    for sub in ("show ", "plan ", "task "):
+        assert f"\n  {sub}" in out.stdout
+    assert "--config.optim.learning_rate=1e-6" in out.stdout and "sail_jax.run(config, workdir)" in out.stdout
+
+
+def test_every_key_of_every_shipped_config_has_its_meaning_and_show_prints_them():
+    """``sail_jax.config_reference.KEY_DOCS`` explains every key a shipped config has (a new key without a
+    line fails here); ``sail-jax show`` prints the resolved config with them, overrides applied."""
+    import importlib.util
+    import os
+
+    from sail_jax.config_reference import undocumented
+
+    root, names = _config_files()
+    for name in names:
+        spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(root, name))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert undocumented(module.get_config()) == [], name
+    out = subprocess.run([sys.executable, "-m", "sail_jax.cli", "show", "--config=configs/dpo.py",
+                          "--config.optim.learning_rate=3e-6"], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(root))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "optim.learning_rate = 3e-06" in out.stdout and "# peak learning rate" in out.stdout
+    assert "(not documented)" not in out.stdout
