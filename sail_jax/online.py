@@ -109,10 +109,10 @@ class OnlineLoop:
         self.seconds = {"generation": 0.0, "steps": 0.0}  # totals of this process's run, for summaries
         self._since_log = {"generation": 0.0, "steps": 0.0, "count": 0}
         self._last_end, self._evaluating = None, 0.0  # when the last step ended; evaluation seconds since
-        self.evaluator = Evaluator(self.graphdef, (self.ref_graphdef, self.ref_params), reward_source=eval_reward_source or reward_source,
-                                   tokenizer=tokenizer, gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
-                                   missing_eos_penalty=float(config.reward.missing_eos_penalty), mesh=mesh,
-                                   **evaluator_args)
+        self.evaluator = None if evaluator_args is None else Evaluator(  # None: no held-out set
+            self.graphdef, (self.ref_graphdef, self.ref_params), reward_source=eval_reward_source or reward_source,
+            tokenizer=tokenizer, gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
+            missing_eos_penalty=float(config.reward.missing_eos_penalty), mesh=mesh, **evaluator_args)
 
     def _precompute_reference(self, arrays):
         """``reference.precompute``: the dataset pairs' reference log-probs, once, into the batches."""
@@ -315,6 +315,8 @@ class OnlineLoop:
                             "from the initial policy on resume")
 
     def evaluate(self) -> dict[str, float]:
+        if self.evaluator is None:
+            return {}
         t0 = time.time()
         metrics = self.evaluator(self.policy_params())
         self._evaluating += time.time() - t0
@@ -323,6 +325,8 @@ class OnlineLoop:
     def completions(self) -> list[dict]:
         """The latest evaluation's first ``log_completions`` prompts with the reference's and the
         policy's samples and rewards (completions.jsonl and TensorBoard text)."""
+        if self.evaluator is None:
+            return []
         return [dict(zip(("prompt", "reference", "reference_reward", "policy", "policy_reward"), row))
                 for row in self.evaluator.sample_table(int(self.config.get("log_completions", 8)))]
 
@@ -333,6 +337,6 @@ class OnlineLoop:
     def run(self, data_counts: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
         """Train to ``config.steps`` (resuming if a checkpoint exists); returns (first eval, last eval).
         ``data_counts`` (rows skipped per split) go to metrics.jsonl as split "data"."""
-        initial = self.evaluator.reference_metrics()
+        initial = {} if self.evaluator is None else self.evaluator.reference_metrics()
         return initial, drive(self, self.config, self.workdir, desc="sail",
                               step0={"eval": initial, "data": data_counts or {}})

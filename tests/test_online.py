@@ -475,3 +475,24 @@ def test_main_job_is_healthy_at_its_own_defaults(tmp_path):
                 "rewards/margins", "rewards/accuracies", "learning_rate"):
         assert key in train, key
     assert train["sail/revkl"] > 0 and train["grad_norm/revkl"] > 0
+
+
+def test_a_run_on_your_data_without_a_held_out_set_or_a_reward_trains_and_says_what_it_left_out(
+        tiny_checkpoint, tmp_path):
+    """Evaluation is optional: SAIL-PP (no reward read) on a user's pairs with ``data.eval_path=''`` trains,
+    logs its training metrics, evaluates nothing and says so in its summary."""
+    import sail_jax
+    from conftest import write_jsonl
+
+    config = sail_config("sail_pp_revkl")
+    config.model.path = tiny_checkpoint
+    config.data.train_path = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(32, 1))
+    config.data.max_prompt_length = 40
+    config.update(steps=3, batch_size=8, log_every=1, eval_every=1, compilation_cache="off")
+    config.checkpoint.every = 0
+    summary = sail_jax.run(config, str(tmp_path / "run"))
+    assert summary["reference"] == {} and summary["final"] == {} and summary["steps"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+    assert not [r for r in rows if r["split"] == "eval"] and not (tmp_path / "run" / "curves.png").exists()
+    assert "no held-out set (data.eval_path is empty)" in (tmp_path / "run" / "summary.txt").read_text()

@@ -43,27 +43,30 @@ def run(config, workdir: str) -> dict:
     say(f"loading the data and the policy ({config.model.path})")
     tokenizer = Tokenizer.from_pretrained(config.model.tokenizer_path or config.model.path)
     d = config.data
+    evaluated = has_eval_set(d)
+    if not evaluated:
+        say("evaluation: none (data.eval_path is empty): the run logs its training metrics only")
     encoded, records = {}, {}
-    for split in ("train", "eval"):
+    for split in ("train", "eval") if evaluated else ("train",):
         kind = d.get(f"{split}_kind", "preference")
         records[split] = load_records(d, split, kind)
         encoded[split] = encode_online(records[split], tokenizer, max_prompt_length=d.max_prompt_length,
                                        max_response_length=d.max_response_length, on_error=d.get("on_error", "raise"),
                                        prompts_only=kind == "prompt")
-    eval_prompts = [records["eval"].rows[i]["prompt"] for i in encoded["eval"].arrays["index"]]
     model = load_pretrained(config.model.path, **model_options(config.model), shardings=sharding_fn(mesh))
     reward_source = make_reward_source(config.reward)
     eval_reward_source = make_eval_reward_source(config.reward)
-    if reward_source is None and eval_reward_source is None:
+    if evaluated and reward_source is None and eval_reward_source is None:
         say("evaluation: no reward configured (config.reward.kind is empty): reporting KL(π‖π_ref), response "
             "length, distinct-2 and held-out pair margins, not reward or win rate")
+    evaluator_args = None if not evaluated else {
+        "prompts": [records["eval"].rows[i]["prompt"] for i in encoded["eval"].arrays["index"]],
+        "eval_arrays": encoded["eval"].arrays, "batch_size": config.eval_batch_size, "buckets": Buckets.from_config(d)}
     loop = OnlineLoop(
         config, model=model, tokenizer=tokenizer, mesh=mesh, workdir=workdir,
         train_arrays=encoded["train"].arrays,
         train_prompts=[r["prompt"] for r in records["train"].rows], reward_source=reward_source,
-        eval_reward_source=eval_reward_source,
-        evaluator_args={"prompts": eval_prompts, "eval_arrays": encoded["eval"].arrays,
-                        "batch_size": config.eval_batch_size, "buckets": Buckets.from_config(d)})
+        eval_reward_source=eval_reward_source, evaluator_args=evaluator_args)
     initial, final = loop.run({f"skipped/{k}": float(v.skipped) for k, v in encoded.items()})
     summary = {"variant": config.get("variant", ""), "steps": config.steps,
                "reference": {k: initial[k] for k in ("reward", "score", "finished", "win_rate", "kl", "distinct_2")
@@ -76,11 +79,19 @@ def run(config, workdir: str) -> dict:
         export_policy(config, loop.trainable, loop.state.params, workdir, tokenizer)  # collective
     if jax.process_index() == 0:
         scored_by = config.reward.get("eval_kind") or config.reward.kind
-        text = summary_text(summary, loop.evaluator.sample_table(), oracle=scored_by in TASK_NAMES)
+        text = (summary_text(summary, loop.evaluator.sample_table(), oracle=scored_by in TASK_NAMES) if evaluated
+                else f"{summary['variant'] or 'policy'}: {config.steps} steps; no held-out set (data.eval_path is "
+                     "empty), so nothing was evaluated: the training metrics are in metrics.jsonl")
         write_summary(workdir, summary, text)
-        _plot(workdir)
+        if evaluated:
+            _plot(workdir)
         print("\n" + text)
     return summary
+
+
+def has_eval_set(data) -> bool:
+    """Whether the run has held-out prompts to evaluate on (a JSONL eval_path, or a TFDS eval_split)."""
+    return bool(data.eval_path if data.get("source", "jsonl") == "jsonl" else data.get("eval_split", ""))
 
 
 def summary_text(summary, samples, *, oracle: bool) -> str:
