@@ -7,6 +7,7 @@ From Python (a notebook)::
 
     config = sail_config("sail_pr")
     config.model.path, config.data.train_path, config.data.eval_path = "my_sft", "pairs.jsonl", "heldout.jsonl"
+    config.data.max_prompt_length = config.data.max_response_length = config.generation.max_new_tokens = 256
     summary = sail_jax.run(config, "runs/mine", reward=lambda prompts, responses: [len(r) / 100 for r in responses])
 """
 
