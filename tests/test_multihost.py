@@ -129,7 +129,8 @@ def test_two_processes_run_the_sail_loop_like_one(tiny_checkpoint, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(64))
     common = ["-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--config.model.path={tiny_checkpoint}",
               f"--config.data.train_path={data}", f"--config.data.eval_path={data}", "--config.sail.p_dp=0.2",
-              "--config.sail.p_pp=0.2", "--config.sail.p_pr=0.2", "--config.steps=3", "--config.batch_size=16",
+              "--config.sail.p_pp=0.2", "--config.sail.p_pr=0.2", "--config.reward.kind=builtin",  # named: own data
+              "--config.steps=3", "--config.batch_size=16",
               "--config.eval_batch_size=16", "--config.log_every=1", "--config.eval_every=3",
               "--config.checkpoint.every=0", "--config.mesh.data=2", "--config.data.max_prompt_length=40"]
     _run([*common, f"--workdir={tmp_path / 'one'}"], processes=1)

@@ -402,13 +402,18 @@ def test_sail_objective_equals_sail_loss_on_the_same_pairs(loop):
     assert float(loss) == pytest.approx(float(per_example.sum() / out["valid"].sum()), abs=1e-5)
 
 
-def test_every_variant_config_validates():
+def test_every_variant_config_validates(tiny_checkpoint):
     from sail_jax.validation import ConfigError, validate_online_config
+
+    def sail_config(name):  # on a model folder and a file (only the config values are checked), reward named
+        from sail_jax.configs import sail_config as make
+
+        c = make(name)
+        c.model.path, c.data.train_path, c.reward.kind = tiny_checkpoint, os.path.join(REPO, "README.md"), "builtin"
+        return c
 
     for name in VARIANTS:
         config = sail_config(name)
-        config.model.path = REPO  # any folder and file: only the config values are checked here
-        config.data.train_path = os.path.join(REPO, "README.md")
         validate_online_config(config)
     for reference, match in (({"precompute": True, "sync_every": 10}, "cannot be cached"),
                              ({"free": True}, "needs its reference"), ({"path": REPO}, "leave it empty")):
@@ -429,7 +434,6 @@ def test_every_variant_config_validates():
                               ("nash_md", {"p_pp": 0.2, "p_pr": 0.8, "lam": 0.0}, "route its rows with p_pr"),
                               ("online_dpo", {"online_loss_type": "dpo"}, "online_loss_type='dpo' is unknown")):
         bad = sail_config(name)
-        bad.model.path, bad.data.train_path = config.model.path, config.data.train_path
         bad.sail.update(sail)
         with pytest.raises(ConfigError, match=match):
             validate_online_config(bad)
@@ -438,13 +442,13 @@ def test_every_variant_config_validates():
         validate_online_config(config)
     for name in ("online_dpo", "nash_md", "xpo", "online_ipo"):  # every row sampled: prompts alone will do
         prompts = sail_config(name)
-        prompts.model.path, prompts.data.train_path, prompts.data.train_kind = REPO, config.data.train_path, "prompt"
+        prompts.data.train_kind = "prompt"
         validate_online_config(prompts)
     for name, kind, match in (("sail_pp_revkl", "prompt", r"sail.p_dp=0.0, p_pp=0.3, p_pr=0.0.*set p_pp \+ p_pr = 1"),
                               ("spin", "prompt", "SPIN's opponent='data' needs pairs"),
                               ("online_dpo", "pairs", "train_kind='pairs' is unknown")):
         bad = sail_config(name)
-        bad.model.path, bad.data.train_path, bad.data.train_kind = REPO, config.data.train_path, kind
+        bad.data.train_kind = kind
         with pytest.raises(ConfigError, match=match):
             validate_online_config(bad)
 

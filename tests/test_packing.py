@@ -116,12 +116,12 @@ def test_packed_batches_split_over_processes_as_one_process_packs_them(tiny_chec
             np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
 
 
-def test_packing_is_refused_where_a_recipe_takes_whole_rows():
+def test_packing_is_refused_where_a_recipe_takes_whole_rows(tiny_checkpoint):
     from sail_jax.configs import sail_config
     from sail_jax.validation import ConfigError, validate_online_config, validate_training_config
 
     config = base_config("reward")
-    config.model.path, config.data.train_path, config.data.packing = ".", __file__, True
+    config.model.path, config.data.train_path, config.data.packing = tiny_checkpoint, __file__, True
     with pytest.raises(ConfigError, match="data.packing=True packs SFT and DPO batches"):
         validate_training_config(config)
     online = sail_config("online_dpo")
