@@ -8,6 +8,7 @@ summary. Multi-process runs call ``sail_jax.distributed.initialize`` first (the 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -66,6 +67,7 @@ def launch(config, workdir: str, *, reward=None, allow_config_change: bool = Fal
     from sail_jax.validation import validate_config
     from sail_jax.workdir import WorkdirLock
 
+    config = copy.deepcopy(config)  # the run's own: the caller's stays as given (a notebook reruns its cell)
     if reward is not None:
         _take_reward(config, reward)
     validate_config(config)  # the whole config, before any task is built or model loaded

@@ -216,14 +216,16 @@ def test_a_python_callable_labels_a_run_on_your_own_model_and_data_from_sail_jax
     def words(prompts, responses):
         return [float(len(r.split())) for r in responses]
 
-    summary = sail_jax.run(config(), str(tmp_path / "run"), reward=words)
+    given = config()
+    summary = sail_jax.run(given, str(tmp_path / "run"), reward=words)
+    assert given.reward.kind == "" and given.reward.fn == ""  # the caller's config is left as it was
     assert summary["final"]["reward"] >= 0 and "win_rate" in summary["final"]
     [identity] = (tmp_path / "run").rglob("run_config.json")
     saved = json.loads(identity.read_text())
     assert saved["reward.kind"] == "python" and saved["reward.fn"].endswith(".words")
     logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert any("pr/sample_reward" in r for r in logged if r["split"] == "train")
-    assert sail_jax.run(config(), str(tmp_path / "run"), reward=words) == (tmp_path / "run" / "summary.txt").read_text()
+    assert sail_jax.run(given, str(tmp_path / "run"), reward=words) == (tmp_path / "run" / "summary.txt").read_text()
     named = config()
     named.reward.kind = "builtin"
     with pytest.raises(UserError, match=r"reward=... and config.reward \(kind='builtin', sources=''\) both name"):
