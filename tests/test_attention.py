@@ -16,7 +16,7 @@ def _mask(valid, segments, window):
     return allowed & (segments[:, :, None] == segments[:, None, :])
 
 
-@pytest.mark.parametrize("width,window", [(2 * CAUSAL_BLOCK + 44, None), (4 * CAUSAL_BLOCK + 9, 50)])
+@pytest.mark.parametrize("width,window", [(2 * CAUSAL_BLOCK + 44, None), (5 * CAUSAL_BLOCK + 9, 50)])
 def test_blockwise_causal_attention_equals_the_dense_attention(width, window):
     b, heads, kv, d = 3, 4, 2, 8
     kq, kk, kvv, kc = jax.random.split(jax.random.key(0), 4)
