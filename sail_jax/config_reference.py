@@ -3,6 +3,8 @@ read (a test fails when a shipped config has a key this table does not explain).
 
 from __future__ import annotations
 
+from sail_jax.workdir import flatten
+
 KEY_DOCS: dict[str, str] = {
     # the run
     "recipe": "what runs: sft | reward | dpo | sail (the online loop) | score_pairs",
@@ -144,21 +146,12 @@ KEY_DOCS: dict[str, str] = {
 }
 
 
-def flat_items(config, prefix: str = ""):
-    """``(dotted key, value)`` of every leaf of a ConfigDict, in its order."""
-    for key, value in config.items():
-        if hasattr(value, "items"):
-            yield from flat_items(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def undocumented(config) -> list[str]:
-    return [key for key, _ in flat_items(config) if key not in KEY_DOCS]
+    return [key for key in flatten(config) if key not in KEY_DOCS]
 
 
 def describe(config) -> str:
     """The resolved config, a key a line: ``key = value    # meaning``."""
-    items = list(flat_items(config))
+    items = list(flatten(config).items())
     width = min(max(len(f"{k} = {v!r}") for k, v in items), 48)
     return "\n".join(f"{f'{k} = {v!r}':<{width}}  # {KEY_DOCS.get(k, '(not documented)')}" for k, v in items)
