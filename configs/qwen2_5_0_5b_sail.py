@@ -1,6 +1,6 @@
 """SAIL on Qwen2.5-0.5B-Instruct, planned for v4-8 / v5e-8 / 1xH100 (single host); see sail_jax.configs.preset_config.
 
-    huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir models/Qwen2.5-0.5B-Instruct
+    # the model is read by its Hub id Qwen/Qwen2.5-0.5B-Instruct (into the Hugging Face cache on first use)
     sail-jax plan --config=configs/qwen2_5_0_5b_sail.py                     # per-device memory on each target
     sail-jax --config=configs/qwen2_5_0_5b_sail.py:ultrafeedback,sail_pp --workdir=runs/qwen2_5_0_5b \\
         --config.reward.path=models/REWARD_MODEL --config.checkpoint.dir=gs://BUCKET/qwen2_5_0_5b

@@ -1,6 +1,6 @@
 """SAIL on Qwen2.5-7B-Instruct, planned for v4-32 / v5e-32 (multi-host); see sail_jax.configs.preset_config.
 
-    huggingface-cli download Qwen/Qwen2.5-7B-Instruct --local-dir models/Qwen2.5-7B-Instruct
+    # the model is read by its Hub id Qwen/Qwen2.5-7B-Instruct (into the Hugging Face cache on first use)
     sail-jax plan --config=configs/qwen2_5_7b_sail.py                     # per-device memory on each target
     sail-jax --config=configs/qwen2_5_7b_sail.py:ultrafeedback,sail_pp --workdir=runs/qwen2_5_7b \\
         --config.reward.path=models/REWARD_MODEL --config.checkpoint.dir=gs://BUCKET/qwen2_5_7b

@@ -17,7 +17,7 @@ def get_config():
     config.reference = ml_collections.ConfigDict({"path": ""})  # empty: the policy is its own reference
     # path: JSONL of {prompt, chosen, rejected}; rows longer than the lengths raise naming file:line,
     # or with on_error="skip" are left out and listed.
-    config.data = ml_collections.ConfigDict({"path": "", "max_prompt_length": 64, "max_length": 128,
+    config.data = ml_collections.ConfigDict({"path": "", "max_prompt_length": 512, "max_length": 1024,
                                              "on_error": "raise"})
     config.loss = ml_collections.ConfigDict({"loss_type": "sigmoid", "beta": 0.1})
     return config

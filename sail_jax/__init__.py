@@ -6,8 +6,8 @@ From Python (a notebook)::
     from sail_jax.configs import sail_config
 
     config = sail_config("sail_pr")
-    config.model.path, config.data.train_path, config.data.eval_path = "my_sft", "pairs.jsonl", "heldout.jsonl"
-    config.data.max_prompt_length = config.data.max_response_length = config.generation.max_new_tokens = 256
+    config.model.path = "Qwen/Qwen2.5-0.5B-Instruct"  # a Hub id, a local folder or gs://bucket/path
+    config.data.update(source="hf", hf_name="trl-lib/ultrafeedback_binarized", eval_split="test")
     summary = sail_jax.run(config, "runs/mine", reward=lambda prompts, responses: [len(r) / 100 for r in responses])
 """
 

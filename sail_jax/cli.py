@@ -90,7 +90,9 @@ def help_text() -> str:
 
 def _show(config) -> None:
     from sail_jax.config_reference import describe
+    from sail_jax.configs import fill_defaults
 
+    fill_defaults(config)  # what a run would use
     print(describe(config))
 
 

@@ -20,27 +20,30 @@ KEY_DOCS: dict[str, str] = {
     "compilation_cache": "JAX's persistent compilation cache: '' a per-user folder, 'off', or a folder (gs:// too)",
     "plan_targets": "slices/GPUs `sail-jax plan` sizes this config for, e.g. v5e-8,1xH100",
     # model
-    "model.path": "the policy: a local Hugging Face folder (config.json, safetensors, tokenizer.json)",
-    "model.tokenizer_path": "a folder with tokenizer.json when model.path has none (default: model.path)",
-    "model.hub_id": "the model's Hub id, so `sail-jax plan` can size it before it is downloaded",
+    "model.path": "the policy (config.json, safetensors, tokenizer.json): a local folder, a Hub id (org/name[@rev]) or gs://",
+    "model.tokenizer_path": "where tokenizer.json is when model.path has none (folder, Hub id or gs://; default: model.path)",
+    "model.hub_id": "the Hub id `sail-jax plan` sizes when model.path is a local folder not filled yet",
     "model.dtype": "compute dtype: float32 | bfloat16",
     "model.param_dtype": "storage dtype of the weights (default: model.dtype)",
     "model.remat": "activation checkpointing per decoder layer: none | dots | full",
     # reference
-    "reference.path": "the reference policy's folder (default: the initial policy; offline recipes only)",
+    "reference.path": "the reference policy (folder, Hub id or gs://; default: the initial policy; offline recipes only)",
     "reference.precompute": "compute the reference's log-probs of the data once and cache them in the workdir",
     "reference.free": "reference-free preference loss (no reference model)",
     "reference.sync_every": "online loop: blend the policy into the reference every N steps (0: never; TR-DPO)",
     "reference.sync_alpha": "the blend's weight on the policy (1: copy it)",
     # data
-    "data.source": "jsonl (train_path/eval_path) | tfds (tfds_name in tfds_dir)",
+    "data.source": "jsonl (train_path/eval_path) | tfds (tfds_name in tfds_dir) | hf (hf_name: Hub or datasets)",
     "data.path": "score_pairs: the JSONL of pairs to score",
     "data.train_path": "JSONL of training records (pairs: prompt/chosen/rejected; SFT: prompt/response)",
     "data.eval_path": "JSONL of held-out records ('' = none, where the recipe allows)",
     "data.tfds_name": "TFDS dataset, e.g. preference_pairs/hh_rlhf (sail_jax.data.tfds_builders)",
     "data.tfds_dir": "where the TFDS dataset was built",
-    "data.train_split": "TFDS split to train on",
-    "data.eval_split": "TFDS split to evaluate on",
+    "data.hf_name": "source=hf: a Hub dataset id (org/name[@rev]), a folder of data files or save_to_disk, or gs://",
+    "data.hf_subset": "source=hf: the dataset's config (subset), when it has several",
+    "data.hf_columns": "source=hf: field=column renames, e.g. prompt=question,chosen=response_j",
+    "data.train_split": "TFDS / HF split to train on",
+    "data.eval_split": "TFDS / HF split to evaluate on ('' : no evaluation)",
     "data.on_error": "a bad or over-long row: raise (naming file and line) | skip (counted and logged)",
     "data.max_prompt_length": "prompt tokens at most (longer: data.on_error)",
     "data.max_length": "prompt + response tokens at most (offline recipes)",
@@ -77,7 +80,7 @@ KEY_DOCS: dict[str, str] = {
     "lora.rank": "LoRA rank (0: train every parameter)",
     "lora.alpha": "LoRA α (scale α/rank)",
     "lora.dropout": "dropout on the adapters' input",
-    "lora.path": "a PEFT adapter folder to start from",
+    "lora.path": "a PEFT adapter to start from: a folder, a Hub id or gs://",
     "lora.quantize": "store the frozen base quantized: '' | int8 | nf4 (QLoRA)",
     "lora.targets": "regex of the projections that get adapters",
     # mesh
@@ -125,12 +128,12 @@ KEY_DOCS: dict[str, str] = {
     "generation.reuse": "optimizer steps per sampled batch",
     "generation.slots": "continuous batching's decode slots (0: the static sampler)",
     "reward.kind": "what scores samples: builtin | praise | ifeval (a task's oracle) | model | python ('' = none)",
-    "reward.path": "reward.kind=model: the *ForSequenceClassification folder",
+    "reward.path": "reward.kind=model: the *ForSequenceClassification model (folder, Hub id or gs://)",
     "reward.fn": "reward.kind=python: 'package.module:function' (or a function given to sail_jax.run)",
     "reward.sources": "a weighted sum of sources instead of kind, e.g. '0.7*builtin + 0.3*python:m:f'",
     "reward.missing_eos_penalty": "subtracted from the reward of a response that never ended",
     "reward.eval_kind": "score evaluations with another source than the labels ('' = the same)",
-    "reward.eval_path": "reward.eval_kind=model: its folder",
+    "reward.eval_path": "reward.eval_kind=model: its model (folder, Hub id or gs://)",
     "reward.eval_fn": "reward.eval_kind=python: its function",
     # built-in tasks (used when model.path is empty)
     "task.name": "the built-in task built when model.path is empty: builtin | praise | ifeval",
@@ -155,3 +158,22 @@ def describe(config) -> str:
     items = list(flatten(config).items())
     width = min(max(len(f"{k} = {v!r}") for k, v in items), 48)
     return "\n".join(f"{f'{k} = {v!r}':<{width}}  # {KEY_DOCS.get(k, '(not documented)')}" for k, v in items)
+
+
+def markdown() -> str:
+    """The docs site's config reference (docs/config_reference.md, checked by a test to equal this)."""
+    sections: dict[str, list[str]] = {}
+    for key, meaning in KEY_DOCS.items():
+        section = key.split(".")[0] if "." in key else "the run"
+        sections.setdefault(section, []).append(f"| `{key}` | {meaning.replace('|', '&#124;')} |")
+    lines = ["# Config reference", "",
+             "Every key of the shipped configs, with its meaning (generated from `sail_jax/config_reference.py` "
+             "by `python -m sail_jax.config_reference`). `sail-jax show --config=CONFIG` prints a config's "
+             "values with these lines; any key is overridden with `--config.KEY=VALUE`."]
+    for section, rows in sections.items():
+        lines += ["", f"## {section}", "", "| key | meaning |", "|---|---|", *rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

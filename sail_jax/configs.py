@@ -37,16 +37,21 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
         "free": False,  # reference-free preference loss
     })
     c.data = ml_collections.ConfigDict({
-        "source": "jsonl",  # jsonl | tfds
+        "source": "jsonl",  # jsonl | tfds | hf
         "train_path": "",
         "eval_path": "",
         "tfds_name": "",  # e.g. preference_pairs/hh_rlhf (built with sail_jax.data.tfds_builders)
         "tfds_dir": "",
+        "hf_name": "",  # source=hf: a Hub dataset id (org/name[@revision]), a folder of data files, or gs://
+        "hf_subset": "",  # the dataset's config (subset) name, if it has several
+        "hf_columns": "",  # field=column renames, e.g. "prompt=question,chosen=response_j,rejected=response_k"
         "train_split": "train",
         "eval_split": "test",
         "on_error": "raise",  # raise | skip (skipped rows are counted and logged)
-        "max_prompt_length": 64,
-        "max_length": 128,
+        # token caps for real data (max_length 1024 is TRL's): a batch is cut to its longest row's bucket, so short
+        # data pays for its own lengths, not these
+        "max_prompt_length": 512,
+        "max_length": 1024,
         # Each batch is cut to the smallest length bucket that holds its longest row before a jitted step
         # (one compile per bucket): pow2_half (16, 24, 32, 48, 64, 96, ...: at most a third padding) |
         # pow2 (powers of two: half the shapes, up to half padding) | none (always the caps) | N
@@ -60,7 +65,7 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
         "group_window": 64,
         # SFT / DPO training batches: pack the batch's sequences into a few rows (several per row, attention
         # kept inside each), paying for the tokens the batch has instead of rows x its longest row; on by
-        # default where it applies (benchmarks/vs_trl.py, README: packed beats bucketed at every setting measured)
+        # default where it applies (benchmarks/vs_trl.py, docs/benchmarks.md: packed beats bucketed at every setting measured)
         "packing": recipe in ("sft", "dpo"),
     })
     c.loss = ml_collections.ConfigDict({"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0})
@@ -103,7 +108,7 @@ def base_config(recipe: str) -> ml_collections.ConfigDict:
 
 
 # SAIL-RevKL's α in the main job (configs/sail_pp.py): healthy on all 14 seeds measured with KL ≤ 2.2;
-# 0.02 was healthy too but reached KL 3.0, nearer where plain SAIL-PP's drift takes off (README, "Why
+# 0.02 was healthy too but reached KL 3.0, nearer where plain SAIL-PP's drift takes off (docs/online.md, "Why
 # SAIL-PP drifted").
 MAIN_JOB_REVKL = 0.05
 
@@ -120,13 +125,40 @@ VARIANTS = {
     "spin": dict(p_pr=1.0, gamma=0.0, opponent="data", num_samples=1, interval=10, sync_every=10),
     "iterative_dpo": dict(p_pr=1.0, gamma=0.0, interval=10),
     "sail_pr": dict(p_pr=0.3),
-    "sail_pp": dict(p_pp=0.3),  # the paper's plain SAIL-PP: drifts on the built-in task (README)
+    "sail_pp": dict(p_pp=0.3),  # the paper's plain SAIL-PP: drifts on the built-in task (docs/online.md)
     "sail_pp_revkl": dict(p_pp=0.3, revkl=MAIN_JOB_REVKL),  # the main job
     "self_labelled_dpo": dict(p_pp=0.3, lam=0.0),  # SAIL-PP's route without its extra terms
     "sail_dp": dict(p_dp=0.4),
     "sail_mixed": dict(p_dp=0.2, p_pp=0.2, p_pr=0.2),
     "released_code": dict(p_pp=0.3, score_term="released_code"),
 }
+
+
+# The online loop's defaults on the user's own model and data (prompts of a chat turn or two, answers
+# of a few paragraphs, the learning rate the presets use for full-parameter training of a 0.5B-1.5B
+# model), where a built-in task's model takes the task's own (sail_jax.tasks.<name>.DEFAULTS).
+REAL_DATA_DEFAULTS = {"data.max_prompt_length": 512, "data.max_response_length": 256, "optim.learning_rate": 1e-6}
+
+
+def fill_defaults(config) -> None:
+    """Set the online loop's keys left unset (None) that depend on what is trained: the task's values
+    when the task builds the model (no ``model.path``), else REAL_DATA_DEFAULTS;
+    ``generation.max_new_tokens`` defaults to the response cap. Idempotent: validation calls it, so the
+    run records (and a resume compares) the values used."""
+    if config.get("recipe") != "sail":
+        return
+    if config.model.path:
+        defaults = REAL_DATA_DEFAULTS
+    else:
+        from sail_jax.tasks import get_task
+
+        defaults = get_task(config.task.get("name", "builtin")).DEFAULTS
+    for key, value in defaults.items():
+        section, name = key.split(".")
+        if config[section].get(name) is None:
+            config[section][name] = value
+    if config.generation.get("max_new_tokens") is None:
+        config.generation.max_new_tokens = config.data.max_response_length
 
 
 def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
@@ -136,8 +168,9 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown SAIL variant {variant!r}; valid: {sorted(VARIANTS)}")
     c = base_config("sail")
     c.variant = variant
-    c.data.max_prompt_length = 12
-    c.data.max_response_length = 12
+    # None: filled in by fill_defaults: the task's when a task builds the model, else REAL_DATA_DEFAULTS
+    c.data.max_prompt_length = placeholder(int)
+    c.data.max_response_length = placeholder(int)
     c.data.eval_kind = "preference"  # preference: held-out pairs (+ implicit-reward accuracy) | prompt
     # preference: training pairs (every route) | prompt: prompts alone, for runs whose every row is
     # sampled (p_pp + p_pr = 1, not SPIN); a built-in task then trains on its whole prompt pool
@@ -179,13 +212,13 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
     # slots: 0 decodes a batch's samples all at once until the longest ends; S > 0 decodes them through S
     # slots, a finished sample's slot taking the next (continuous batching: the same samples, fewer wasted
     # steps where lengths vary)
-    c.generation = ml_collections.ConfigDict({"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 12,
+    c.generation = ml_collections.ConfigDict({"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": placeholder(int),
                                               "interval": 1, "reuse": 1, "slots": 0})
     c.reference.sync_every = 0  # TR-DPO-style reference sync (0: never; the reference stays the SFT model)
     c.reference.sync_alpha = 1.0
     c.loss.beta = 0.1
     c.optim.name = "rmsprop"  # as in the SAIL paper
-    c.optim.learning_rate = 3e-4
+    c.optim.learning_rate = placeholder(float)  # fill_defaults
     c.optim.schedule = "constant"
     c.batch_size = 32
     c.eval_batch_size = 64
@@ -214,9 +247,7 @@ def ifeval_config(variant: str = "sail_pr", reduced: bool = False) -> ml_collect
     c.task.update(name="ifeval", preference_train=192 if reduced else 1024, preference_eval=64 if reduced else 256,
                   pair_samples=4, pair_batch=64, label_temperature=0.0)
     c.reward.update(kind="ifeval", missing_eos_penalty=0.25)
-    c.data.max_prompt_length, c.data.max_response_length = 80, 48
     c.data.eval_kind = "prompt"  # every held-out prompt (pairs would keep those the base model finishes twice)
-    c.generation.max_new_tokens = 48
     c.sail.update(num_samples=4, pair_selection="max_min")
     c.optim.update(learning_rate=3e-5 if reduced else 1e-5, warmup_steps=2 if reduced else 5)
     c.batch_size, c.eval_batch_size = (8, 64) if reduced else (32, 64)
@@ -225,7 +256,7 @@ def ifeval_config(variant: str = "sail_pr", reduced: bool = False) -> ml_collect
     return c
 
 
-# Real-model presets (configs/<name>_sail.py): the model (its hub id, downloaded to models/<name>), the
+# Real-model presets (configs/<name>_sail.py): the model (its Hub id, read through the Hugging Face cache), the
 # slices it is planned for (`sail-jax plan` shows each fits), the mesh and the batch that fit them.
 PRESETS = {
     "qwen2_5_0_5b": dict(hub_id="Qwen/Qwen2.5-0.5B-Instruct", targets="v4-8,v5e-8,1xH100", batch_size=16,
@@ -249,7 +280,7 @@ def preset_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
     β = 0.1 and RMSprop. By default every parameter trains, at the 5e-7 to 1e-6 typical of
     full-parameter DPO; ``lora`` gives the paper's own setting instead: LoRA r = 64, α = 16, dropout
     0.05 on every projection at lr 1e-5, the frozen base (stored in bfloat16) as the reference,
-    planned on v5e-8 and one H100, and the 7B/8B models also on v5e-32 (README has the plans). bf16
+    planned on v5e-8 and one H100, and the 7B/8B models also on v5e-32 (docs/tpu.md has the plans). bf16
     compute, float32 weights (trained ones) and optimizer state, FSDP over every device, remat per
     decoder layer.
 
@@ -274,7 +305,7 @@ def preset_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset dataset {dataset!r}; valid: {sorted(PRESET_DATASETS)}")
     p = PRESETS[model]
     c = sail_config(variant)
-    c.model.update(path=f"models/{p['hub_id'].split('/')[1]}", hub_id=p["hub_id"], dtype="bfloat16",
+    c.model.update(path=p["hub_id"], hub_id=p["hub_id"], dtype="bfloat16",
                    param_dtype="float32", remat=p["remat"])
     c.data.update(source="tfds", tfds_name=f"preference_pairs/{PRESET_DATASETS[dataset]}",
                   tfds_dir=os.path.expanduser("~/tensorflow_datasets"), train_split="train", eval_split="test",

@@ -82,7 +82,8 @@ def parse_target(name: str) -> Target:
 def model_config_of(config) -> ModelConfig:
     """The architecture to plan for, with the config's dtypes and remat policy."""
     from sail_jax.models.hf import read_config
-    from sail_jax.models.known import known_config
+    from sail_jax.locations import is_hub_id, is_remote, local_folder
+    from sail_jax.models.known import KNOWN_CONFIGS, known_config
 
     from sail_jax.configs import model_options
 
@@ -92,6 +93,10 @@ def model_config_of(config) -> ModelConfig:
         return read_config(m.path, **options)
     if m.get("hub_id"):
         return known_config(m.hub_id, **options)
+    if m.path in KNOWN_CONFIGS:  # a Hub id we know: planned before anything is downloaded
+        return known_config(m.path, **options)
+    if m.path and (is_remote(m.path) or is_hub_id(m.path)):  # only its config.json is fetched
+        return read_config(local_folder(m.path, key="model.path", patterns=("config.json",)), **options)
     if not m.path and config.recipe == "sail":
         task = config.task.get("name", "builtin")
         if task != "ifeval":
@@ -330,8 +335,12 @@ def fsdp_gather_bytes(params, mesh_sizes: dict[str, int], model_config: ModelCon
 def make_plan(config, *, target: Target | None = None, num_devices: int | None = None,
               model_config: ModelConfig | None = None) -> Plan:
     """The plan of ``config`` on ``target`` (or on ``num_devices`` devices without a memory verdict);
-    ``model_config`` replaces the config's model (tests)."""
+    ``model_config`` replaces the config's model (tests). Keys left unset are filled in
+    (``configs.fill_defaults``), as a run would."""
+    from sail_jax.configs import fill_defaults
     from sail_jax.optim import make_optimizer
+
+    fill_defaults(config)
 
     devices = target.devices if target is not None else (num_devices or jax.device_count())
     sizes = dict(zip(AXES, resolve_axis_sizes(dict(config.mesh), devices)))

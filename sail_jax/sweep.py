@@ -39,9 +39,12 @@ MACHINE_LOCAL_KEYS = ("task.dir", "task.gguf", "model.path", "reward.path", "com
 
 
 def run_config(make_config: Callable, variant: str, seed: int, **overrides):
+    from sail_jax.configs import fill_defaults
+
     config = make_config(variant)
     config.seed = seed
     config.update(overrides)
+    fill_defaults(config)  # the values the run will use, so the fingerprint names them
     return config
 
 

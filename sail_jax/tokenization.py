@@ -15,6 +15,7 @@ import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from sail_jax.errors import UserError
+from sail_jax.locations import local_folder
 
 Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
@@ -56,6 +57,8 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str) -> "Tokenizer":
+        """From a folder with ``tokenizer.json``, or a Hub id / ``gs://`` path to one."""
+        path = local_folder(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
         if not os.path.exists(os.path.join(path, "tokenizer.json")):

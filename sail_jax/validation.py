@@ -10,9 +10,11 @@ import re
 import jax
 
 from sail_jax.data.buckets import Buckets
+from sail_jax.data.hf_datasets import parse_columns
 from sail_jax.data.pipeline import SOURCES
 from sail_jax.data.records import ON_ERROR
 from sail_jax.errors import UserError
+from sail_jax.locations import describe_problem
 from sail_jax.losses import LOSS_TYPES
 from sail_jax.models.quantize import KINDS as QUANT_KINDS
 from sail_jax.optim import OPTIMIZERS, SCHEDULES, set_kwargs, unaccepted_kwargs
@@ -68,10 +70,11 @@ def validate_optim(optim) -> None:
 def _validate_run(config, *, task_builds_model: bool = False) -> None:
     """What every training run needs: a model folder, loop lengths, checkpoints, optimizer, mesh and batches."""
     if not task_builds_model:
-        _require(bool(config.model.path), "config.model.path is empty: point it at a local Hugging Face model folder")
-        _require(os.path.isdir(config.model.path), f"config.model.path={config.model.path!r} is not a folder")
+        _require(bool(config.model.path), "config.model.path is empty: point it at a Hugging Face model: a local "
+                                          "folder, a Hub id ('org/name', '@revision' to pin) or gs://bucket/path")
+        _require_folders(config, ("model.path",))
         tokenizer = config.model.get("tokenizer_path", "") or config.model.path
-        _require("://" in tokenizer or os.path.isfile(os.path.join(tokenizer, "tokenizer.json")),
+        _require(not os.path.isdir(tokenizer) or os.path.isfile(os.path.join(tokenizer, "tokenizer.json")),
                  f"config.model.{'tokenizer_path' if tokenizer != config.model.path else 'path'}={tokenizer!r} has "
                  "no tokenizer.json (sail-jax reads fast tokenizers): save one there with transformers' "
                  "AutoTokenizer.from_pretrained(...).save_pretrained(folder), or set config.model.tokenizer_path "
@@ -109,9 +112,7 @@ def validate_lora(config) -> None:
         re.compile(lora.targets)
     except re.error as e:
         raise ConfigError(f"config.lora.targets={lora.targets!r} is not a regular expression: {e}") from None
-    path = lora.get("path", "")
-    _require(not path or os.path.isdir(path), f"config.lora.path={path!r} is not a folder (a PEFT adapter folder: "
-                                              "adapter_config.json + adapter_model.safetensors)")
+    _require_folders(config, ("lora.path",))
     _require(int(config.get("reference", {}).get("sync_every", 0)) == 0,
              "config.reference.sync_every > 0 (TR-DPO's reference sync) needs a reference separate from the policy; "
              "with LoRA the reference is the frozen base itself. Set reference.sync_every=0 or lora.rank=0")
@@ -126,8 +127,13 @@ def _validate_paths(config, *, data: bool) -> None:
         _require(bool(d.train_path), "config.data.train_path is empty: set it to a JSONL file of training records")
         for key in ("train_path", "eval_path"):
             _require(not d[key] or os.path.isfile(d[key]), f"config.data.{key}={d[key]!r}: no such file")
-    _require_folders(config, ("model.tokenizer_path", "reference.path", "reward.path", "reward.eval_path"),
-                     remote_ok=True)
+    if data and d.source == "hf":
+        _require(bool(d.get("hf_name", "")), "config.data.hf_name is empty: set it to a Hub dataset id "
+                                             "(org/name), a folder of data files, or gs://bucket/path")
+        problem = describe_problem(d.hf_name, "data.hf_name", repo_type="dataset")
+        _require(problem is None, problem)
+        parse_columns(d.get("hf_columns", ""))
+    _require_folders(config, ("model.tokenizer_path", "reference.path", "reward.path", "reward.eval_path"))
 
 
 def _validate_data_options(data) -> None:
@@ -145,13 +151,13 @@ def _validate_lengths(data) -> None:
              f"config.data: need 0 < max_prompt_length ({data.max_prompt_length}) < max_length ({data.max_length})")
 
 
-def _require_folders(config, keys, *, remote_ok: bool) -> None:
-    """Each ``section.key`` the config sets names an existing folder (``gs://...`` passes when ``remote_ok``)."""
+def _require_folders(config, keys) -> None:
+    """Each ``section.key`` the config sets names a folder: local, a Hub id (in the cache when offline) or
+    ``gs://`` (``sail_jax.locations``)."""
     for key in keys:
         section, name = key.split(".")
-        path = config.get(section, {}).get(name, "")
-        _require(not path or (remote_ok and "://" in path) or os.path.isdir(path),
-                 f"config.{key}={path!r}: no such folder")
+        problem = describe_problem(config.get(section, {}).get(name, ""), key)
+        _require(problem is None, problem)
 
 
 def _validate_preference_loss(loss) -> None:
@@ -193,7 +199,7 @@ def validate_score_pairs_config(config) -> None:
     _validate_data_options(d)
     _require(not d.path or os.path.isfile(d.path), f"config.data.path={d.path!r}: no such file")
     _validate_lengths(d)
-    _require_folders(config, ("model.path", "reference.path", "model.tokenizer_path"), remote_ok=False)
+    _require_folders(config, ("model.path", "reference.path", "model.tokenizer_path"))
     _validate_preference_loss(config.loss)
 
 
@@ -201,6 +207,7 @@ def validate_online_config(config) -> None:
     """The online loop's config (../shared/SAIL.md): routes, coefficients, sampling and the buffer.
     With no ``model.path``, the task named by ``task.name`` builds the model and data (checked here,
     before it is built)."""
+    from sail_jax.configs import fill_defaults
     from sail_jax.labeling import LABEL_MODES, OPPONENTS, PAIR_SELECTION
     from sail_jax.sail_terms import BASELINES, SCORE_TERMS
     from sail_jax.rewards import REWARD_KINDS
@@ -210,6 +217,7 @@ def validate_online_config(config) -> None:
     if task_builds_model:
         name = config.get("task", {}).get("name", "builtin")
         _require(name in TASK_NAMES, f"config.task.name={name!r} is unknown; valid: {list(TASK_NAMES)}")
+    fill_defaults(config)  # keys left unset: the task's values, or those for real data
     _validate_run(config, task_builds_model=task_builds_model)
     _validate_paths(config, data=not task_builds_model)
     _require(not config.data.get("packing", False), "config.data.packing=True packs SFT and DPO batches; the "
@@ -313,8 +321,8 @@ def validate_online_config(config) -> None:
         for i, (_, kind, arg) in enumerate(parse_sources(sources)):
             if kind == "python":
                 import_function(arg, f"reward.sources term {i + 1}")
-            _require(kind != "model" or os.path.isdir(arg),
-                     f"config.reward.sources term {i + 1}: reward-model folder {arg!r} does not exist")
+            problem = describe_problem(arg, f"reward.sources term {i + 1}") if kind == "model" else None
+            _require(problem is None, problem)
     ref = config.reference
     _require(not ref.get("free", False), "config.reference.free=True: the online loop needs its reference (the "
                                          "implicit reward β·log(π/π_ref) labels and selects pairs); leave it False")

@@ -1,5 +1,6 @@
 """Shared test setup: 8 fake CPU devices (before jax initialises) and tiny HF checkpoints built offline."""
 
+import hashlib
 import os
 
 import jax
@@ -130,3 +131,54 @@ def main_job_variant() -> str:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config().variant
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(root, repo_id: str, folder: str, *, repo_type: str = "model", commit: str = COMMIT, ref: str = "main",
+              skip=()) -> str:
+    """``folder``'s files as huggingface_hub caches repo ``repo_id`` under ``root`` (HF_HUB_CACHE):
+    content-addressed blobs, a snapshot of relative symlinks, the ref, and the cached tree listing
+    (the listing names every file, so a snapshot missing ``skip`` reads as an incomplete download)."""
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    storage = os.path.join(root, f"{repo_type}s--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(storage, "snapshots", commit)
+    os.makedirs(os.path.join(storage, "blobs"), exist_ok=True)
+    entries = {}
+    for name in sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs):
+        data = open(os.path.join(folder, name), "rb").read()
+        digest = hashlib.sha256(data).hexdigest()
+        large = name.endswith(".safetensors")  # LFS files are cached under their sha256, others their git sha1
+        blob_id = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        etag = digest if large else blob_id
+        entries[name] = TreeCacheEntry(size=len(data), blob_id=blob_id, lfs_sha256=digest if large else None,
+                                       lfs_size=len(data) if large else None)
+        if name in skip:
+            continue
+        with open(os.path.join(storage, "blobs", etag), "wb") as f:
+            f.write(data)
+        link = os.path.join(snapshot, name)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(os.path.relpath(os.path.join(storage, "blobs", etag), os.path.dirname(link)), link)
+    os.makedirs(os.path.join(storage, "refs"), exist_ok=True)
+    with open(os.path.join(storage, "refs", ref), "w") as f:
+        f.write(commit)
+    write_tree_cache(storage, commit, entries)
+    return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, offline, as HF_HOME + HF_HUB_OFFLINE=1 would make it."""
+    from huggingface_hub import constants
+
+    cache = str(tmp_path / "hf" / "hub")
+    os.makedirs(cache)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    import datasets  # its cache of prepared (arrow) datasets, also under HF_HOME
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    return cache

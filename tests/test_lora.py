@@ -158,7 +158,7 @@ def test_lora_dpo_learns_resumes_exactly_and_exports_the_merged_model(tiny_check
 @pytest.mark.parametrize("recipe,key,value,message", [
     ("dpo", "dropout", 1.0, "config.lora.dropout=1.0 must be in [0, 1)"),
     ("dpo", "targets", "q_proj(", "is not a regular expression"),
-    ("reward", "path", "/no/such/adapter", "config.lora.path='/no/such/adapter' is not a folder"),
+    ("reward", "path", "/no/such/adapter", "config.lora.path='/no/such/adapter': no such folder"),
     ("dpo", "alpha", 0.0, "config.lora.alpha=0.0 must be > 0"),
 ])
 def test_lora_settings_that_cannot_run_fail_before_any_work(tiny_checkpoint, recipe, key, value, message):

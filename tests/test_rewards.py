@@ -99,7 +99,7 @@ def test_weighted_sources_sum_their_scores(plugin):
     ("0*builtin", "must be finite and nonzero"),
     ("builtin:x", "the builtin oracle takes no argument"),
     ("builtin + python:my_rewards:missing", "reward.sources term 2.*module 'my_rewards' has no 'missing'"),
-    ("builtin + model:/no/such/folder", "term 2: reward-model folder '/no/such/folder' does not exist"),
+    ("builtin + model:/no/such/folder", "config.reward.sources term 2='/no/such/folder': no such folder"),
 ])
 def test_bad_reward_sources_fail_in_validation_naming_the_term(plugin, sources, message):
     from sail_jax.validation import validate_online_config

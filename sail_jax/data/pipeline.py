@@ -20,7 +20,12 @@ from sail_jax.data.records import Records, read_jsonl
 from sail_jax.errors import UserError
 from sail_jax.tokenization import Tokenizer, TruncationError, pack_pairs, pad_left, require_fits
 
-SOURCES = ("jsonl", "tfds")
+SOURCES = ("jsonl", "tfds", "hf")
+
+
+def has_eval_set(data) -> bool:
+    """Whether the config names held-out records: a JSONL eval_path, or an eval_split of TFDS / HF."""
+    return bool(data.eval_path if data.get("source", "jsonl") == "jsonl" else data.get("eval_split", ""))
 
 
 def load_records(data_cfg, split: str, kind: str) -> Records:
@@ -36,6 +41,12 @@ def load_records(data_cfg, split: str, kind: str) -> Records:
 
         tfds_split = data_cfg.train_split if split == "train" else data_cfg.eval_split
         records = read_tfds(data_cfg.tfds_name, tfds_split, data_cfg.tfds_dir, kind, on_error)
+    elif source == "hf":
+        from sail_jax.data.hf_datasets import read_hf
+
+        records = read_hf(data_cfg.hf_name, data_cfg.train_split if split == "train" else data_cfg.eval_split,
+                          subset=data_cfg.get("hf_subset", ""), columns=data_cfg.get("hf_columns", ""), kind=kind,
+                          on_error=on_error)
     else:
         raise ValueError(f"data.source: unknown source {source!r}; valid: {list(SOURCES)}")
     if records.skipped:

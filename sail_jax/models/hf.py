@@ -20,6 +20,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from sail_jax.locations import local_folder
 from sail_jax.models.config import ModelConfig
 from sail_jax.models.transformer import CausalLM, Linear, RewardModel, RMSNorm, build_model
 
@@ -116,7 +117,8 @@ def load_pretrained(
     """Load a local HF folder into our model (causal LM or reward model, by its architecture).
 
     Args:
-      path: folder with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json``.
+      path: folder with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json``, or
+        a Hub id / ``gs://`` path to one (``sail_jax.locations``).
       dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``).
       param_dtype: storage dtype of the parameters; defaults to ``dtype``.
       shardings: optional ``(param_path, shape) -> Sharding``; each tensor is placed there directly.
@@ -125,6 +127,7 @@ def load_pretrained(
         ``score`` head is initialised from ``head_seed``. None: the checkpoint's own task.
       remat: activation checkpointing of the decoder layers in training (``models.config.REMAT``: none | dots | full).
     """
+    path = local_folder(path)
     dtype_name = jnp.dtype(dtype).name
     config = read_config(path, dtype=dtype_name, param_dtype=jnp.dtype(param_dtype or dtype).name, remat=remat)
     new_heads: set[str] = set()

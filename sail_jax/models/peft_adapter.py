@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from sail_jax.errors import UserError
+from sail_jax.locations import local_folder
 from sail_jax.models.lora import adapted_layers, add_lora
 
 CONFIG_FILE = "adapter_config.json"
@@ -89,7 +90,9 @@ def load_adapter(model, path: str, *, rank: int, alpha: float, targets: str, dro
     """Attach the PEFT adapter in folder ``path`` to ``model`` (in place); returns how many modules.
 
     The config's ``lora.rank``/``alpha``/``targets`` must describe the folder's adapter (they are what
-    the checkpoint and the export record), so a mismatch raises naming the value to set."""
+    the checkpoint and the export record), so a mismatch raises naming the value to set. ``path`` may
+    be a Hub id or ``gs://`` path (``sail_jax.locations``)."""
+    path = local_folder(path, key="lora.path")
     config_file, weights_file = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     for file in (config_file, weights_file):
         if not os.path.exists(file):

@@ -20,7 +20,8 @@ from flax import nnx
 
 from sail_jax.configs import model_options
 from sail_jax.data.buckets import Buckets, ShapeLog
-from sail_jax.data.pipeline import Encoded, encode_preference, encode_sft, eval_batches, load_records, train_iterator
+from sail_jax.data.pipeline import (Encoded, encode_preference, encode_sft, eval_batches, has_eval_set, load_records,
+                                    train_iterator)
 from sail_jax.driver import drive
 from sail_jax.models import load_pretrained
 from sail_jax.objectives import make_dpo_objective, reference_logps, reward_objective, sft_objective
@@ -119,7 +120,7 @@ def run(config, workdir: str) -> dict[str, float]:
     say(f"{config.recipe}: loading the data and the model ({config.model.path})")
     tokenizer = Tokenizer.from_pretrained(config.model.tokenizer_path or config.model.path)
     train_data = _encode(config, recipe, tokenizer, "train")
-    eval_data = _encode(config, recipe, tokenizer, "eval") if _has_eval(config) else None
+    eval_data = _encode(config, recipe, tokenizer, "eval") if has_eval_set(config.data) else None
 
     model = load_pretrained(config.model.path, **model_options(config.model), shardings=sharding_fn(mesh),
                             task=recipe.model_task, head_seed=config.seed)
@@ -168,11 +169,6 @@ def summary_text(recipe: str, steps: int, final: dict[str, float], skipped: dict
         lines.append("skipped rows (data.on_error=skip): " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
     lines.append(f"exported to {export}" if export else "not exported (config.export=False)")
     return "\n".join(lines)
-
-
-def _has_eval(config) -> bool:
-    d = config.data
-    return bool(d.eval_path) if d.source == "jsonl" else bool(d.get("eval_split"))
 
 
 def _objective(config, workdir, trainable: Trainable, state, shardings, mesh, datasets):

@@ -15,7 +15,7 @@ import jax
 
 from sail_jax.configs import model_options
 from sail_jax.data.buckets import Buckets
-from sail_jax.data.pipeline import encode_online, load_records
+from sail_jax.data.pipeline import encode_online, has_eval_set, load_records
 from sail_jax.models import load_pretrained
 from sail_jax.online import OnlineLoop
 from sail_jax.progress import say
@@ -87,11 +87,6 @@ def run(config, workdir: str) -> dict:
             _plot(workdir)
         print("\n" + text)
     return summary
-
-
-def has_eval_set(data) -> bool:
-    """Whether the run has held-out prompts to evaluate on (a JSONL eval_path, or a TFDS eval_split)."""
-    return bool(data.eval_path if data.get("source", "jsonl") == "jsonl" else data.get("eval_split", ""))
 
 
 def summary_text(summary, samples, *, oracle: bool) -> str:

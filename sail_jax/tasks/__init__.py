@@ -5,6 +5,7 @@ Every task module provides
   ``oracle_reward(prompt, response) -> float``  the gold reward (the policy only sees it through labels)
   ``build_policy(config, root) -> str``     the starting policy's HF folder under ``root`` (built once)
   ``MODEL_DIR``                             where ``build_policy`` puts it, relative to ``root``
+  ``DEFAULTS``                              ``{"section.key": value}`` the run takes when it leaves them unset
 
 ``sail_jax.tasks.prepare`` turns a task into the files the online loop reads (policy, offline pairs,
 held-out set); ``config.task.name`` picks the task when ``config.model.path`` is empty.

@@ -28,6 +28,9 @@ FILLERS = ("it", "is", "and", "very", "so", "quite", "the", "feels", "looks", "a
 VOCABULARY = frozenset(TOPICS + POSITIVE + NEGATIVE + FILLERS)
 TOPIC_BONUS, SENTIMENT_WEIGHT, GIBBERISH_PENALTY = 0.3, 0.7, 0.5
 MODEL_DIR = tiny_policy.MODEL_DIR
+# The run's defaults when this task builds the model: token caps its prompts and responses fit, and
+# the learning rate of its tiny model (sail_jax.configs.fill_defaults).
+DEFAULTS = {"data.max_prompt_length": 12, "data.max_response_length": 12, "optim.learning_rate": 3e-4}
 
 
 def build_policy(config, root: str) -> str:

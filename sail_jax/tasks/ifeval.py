@@ -21,6 +21,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 MODEL_DIR = "model"
+# The run's defaults: token caps for the task's chat prompts and the instruct model's answers, and
+# SmolLM2-135M-Instruct's learning rate (sail_jax.configs.fill_defaults).
+DEFAULTS = {"data.max_prompt_length": 80, "data.max_response_length": 48, "optim.learning_rate": 1e-5}
 
 REQUESTS = [
     "Write a short note to my neighbour about {topic}.",

@@ -21,6 +21,7 @@ from sail_jax.tasks import builtin, tiny_policy
 POSITIVE, NEGATIVE, VOCABULARY = builtin.POSITIVE, builtin.NEGATIVE, builtin.VOCABULARY
 PER_WORD, MAX_WORDS, NEGATIVE_COST, GIBBERISH_PENALTY = 0.125, 8, 0.25, 0.5
 MODEL_DIR = tiny_policy.MODEL_DIR
+DEFAULTS = builtin.DEFAULTS
 
 
 def make_prompt(topic: str) -> str:
