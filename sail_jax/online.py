@@ -145,7 +145,7 @@ class OnlineLoop:
         batches = [next(self.prompts) for _ in range(int(self.gen.interval))]
         samples, seconds, tokens = [], 0.0, 0
         if self.needs_samples:
-            model = self.trainable.model(self.state.params)  # adapters applied, not merged (README: LoRA)
+            model = self.trainable.model(self.state.params)  # adapters applied, not merged (docs/training.md: LoRA)
             for i, batch in enumerate(batches):
                 t0 = time.time()
                 ids, mask, finished = self._sample(model, batch, self._key(GEN_KEY, step * 1000 + i))

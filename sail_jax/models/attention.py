@@ -18,7 +18,7 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 CAUSAL_BLOCK = 128  # the narrowest query block worth its own matmuls
 # 4 blocks compute 10/16 of the scores (8: 36/64) and ran SmolLM2's packed step as fast (0.58x dense
 # against 0.57x), while a program's first run, warm cache or not, cost ~20 s over its step instead of ~40
-# (README, "Attention"): the first use of every new shape pays it.
+# (docs/benchmarks.md, "Attention"): the first use of every new shape pays it.
 CAUSAL_MAX_BLOCKS = 4
 
 
