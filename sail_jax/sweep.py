@@ -9,6 +9,7 @@ every arm draws the same prompts, so arms can be compared seed by seed.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import csv
 import hashlib
 import json
@@ -39,12 +40,9 @@ MACHINE_LOCAL_KEYS = ("task.dir", "task.gguf", "model.path", "reward.path", "com
 
 
 def run_config(make_config: Callable, variant: str, seed: int, **overrides):
-    from sail_jax.configs import fill_defaults
-
     config = make_config(variant)
     config.seed = seed
     config.update(overrides)
-    fill_defaults(config)  # the values the run will use, so the fingerprint names them
     return config
 
 
@@ -57,7 +55,12 @@ ADDED_SETTINGS = {"data.train_kind": "preference", "data.shuffle": True, "data.g
 def config_fingerprint(config) -> str:
     """A hash of everything a run's config sets except MACHINE_LOCAL_KEYS, the length buckets' keys (and
     ADDED_SETTINGS at their old behaviour): two runs with the same fingerprint were asked for the same
-    thing (the code they ran is recorded beside it)."""
+    thing (the code they ran is recorded beside it). Keys the run fills in (``configs.fill_defaults``)
+    count at the values it will use."""
+    from sail_jax.configs import fill_defaults
+
+    config = copy.deepcopy(config)
+    fill_defaults(config)
     values = json.loads(config.to_json())
 
     def parent(key):  # the dict holding a dotted key's last part, and that part

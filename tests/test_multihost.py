@@ -132,7 +132,8 @@ def test_two_processes_run_the_sail_loop_like_one(tiny_checkpoint, tmp_path):
               "--config.sail.p_pp=0.2", "--config.sail.p_pr=0.2", "--config.reward.kind=builtin",  # named: own data
               "--config.steps=3", "--config.batch_size=16",
               "--config.eval_batch_size=16", "--config.log_every=1", "--config.eval_every=3",
-              "--config.checkpoint.every=0", "--config.mesh.data=2", "--config.data.max_prompt_length=40"]
+              "--config.checkpoint.every=0", "--config.mesh.data=2", "--config.data.max_prompt_length=40",
+              "--config.data.max_response_length=12"]
     _run([*common, f"--workdir={tmp_path / 'one'}"], processes=1)
     _run([*common, f"--workdir={tmp_path / 'two'}"], processes=2)
     rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "two")}

@@ -387,8 +387,11 @@ def test_a_ledger_carries_finished_runs_to_the_next_session_and_leaves_stale_one
         assert sweep_module.run_one(make, "sail_pr", 1, str(tmp_path / "nogit"))["commit"] == "abc1234"
 
     local = make("online_dpo")
-    local.task.dir, local.model.path = "/elsewhere/task", "/elsewhere/model"
+    local.task.dir = "/elsewhere/task"
     assert sweep_module.config_fingerprint(local) == sweep_module.config_fingerprint(make("online_dpo"))
+    here, there = make("online_dpo"), make("online_dpo")  # the same model in another machine's folder
+    here.model.path, there.model.path = "/here/model", "/elsewhere/model"
+    assert sweep_module.config_fingerprint(here) == sweep_module.config_fingerprint(there)
     assert sweep_module.config_fingerprint(make("online_dpo", lr=1e-4)) != sweep_module.config_fingerprint(local)
     # A setting added after a ledger was written leaves its runs' fingerprints alone at its old behaviour.
     before = make("online_dpo")

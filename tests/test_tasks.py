@@ -4,14 +4,13 @@ praise task promises (SFT low, the optimum reachable within the response budget)
 import numpy as np
 import pytest
 
-from sail_jax.configs import sail_config
 from sail_jax.tasks import TASK_NAMES, builtin, get_task, praise
 
 
 def test_every_task_has_the_interface_and_unknown_names_list_the_valid_ones():
     for name in TASK_NAMES:
         task = get_task(name)
-        for attr in ("prompts", "oracle_reward", "build_policy", "MODEL_DIR"):
+        for attr in ("prompts", "oracle_reward", "build_policy", "MODEL_DIR", "DEFAULTS"):
             assert hasattr(task, attr), (name, attr)
     with pytest.raises(ValueError, match=r"valid: \['builtin', 'praise', 'ifeval'\]"):
         get_task("count")
@@ -47,5 +46,21 @@ def test_praise_has_headroom_sft_low_and_the_optimum_fits_the_response_budget():
     best = praise.optimal_response(prompt)
     assert praise.oracle_reward(prompt, best) >= 0.9
     tokenizer = train_bpe_tokenizer(praise.tokenizer_corpus(), vocab_size=600)
-    budget = sail_config("sail_pp").data.max_response_length
+    budget = praise.DEFAULTS["data.max_response_length"]
     assert len(tokenizer.encode_response(prompt, best)) <= budget
+
+
+def test_lengths_and_learning_rate_come_from_the_task_or_default_to_real_data():
+    """A shipped SAIL config leaves caps and learning rate to what is trained: the task's own values when
+    the task builds the model, real-data values on the user's model; what the user sets stays."""
+    from sail_jax.configs import REAL_DATA_DEFAULTS, fill_defaults, sail_config
+
+    task = sail_config("sail_pr")
+    fill_defaults(task)
+    assert (task.data.max_prompt_length, task.data.max_response_length, task.generation.max_new_tokens,
+            task.optim.learning_rate) == (12, 12, 12, 3e-4)
+    mine = sail_config("sail_pr")
+    mine.model.path, mine.data.max_response_length = "my_model", 128
+    fill_defaults(mine)
+    assert (mine.data.max_prompt_length, mine.data.max_response_length, mine.generation.max_new_tokens,
+            mine.optim.learning_rate) == (REAL_DATA_DEFAULTS["data.max_prompt_length"], 128, 128, 1e-6)

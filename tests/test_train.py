@@ -208,7 +208,7 @@ def test_sft_lowers_the_response_nll(tiny_checkpoint, tmp_path):
     ("loss.loss_type", "kto", r"config.loss.loss_type='kto' is unknown; valid:"),
     ("mesh.data", 3, r"config.mesh: .*do not divide the 8 devices"),
     ("batch_size", 12, r"config.batch_size=12 is not divisible by the data-parallel size 8"),
-    ("data.source", "csv", r"config.data.source='csv' is unknown; valid: \['jsonl', 'tfds'\]"),
+    ("data.source", "csv", r"config.data.source='csv' is unknown; valid: \['jsonl', 'tfds', 'hf'\]"),
 ])
 def test_bad_configs_fail_early_with_the_key_and_the_fix(tiny_checkpoint, tmp_path, key, value, message):
     config = _config("dpo", tiny_checkpoint, tmp_path)
