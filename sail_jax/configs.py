@@ -171,6 +171,7 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
     # None: filled in by fill_defaults: the task's when a task builds the model, else REAL_DATA_DEFAULTS
     c.data.max_prompt_length = placeholder(int)
     c.data.max_response_length = placeholder(int)
+    del c.data["max_length"]  # the offline recipes' cap: the online loop caps prompts and responses apart
     c.data.eval_kind = "preference"  # preference: held-out pairs (+ implicit-reward accuracy) | prompt
     # preference: training pairs (every route) | prompt: prompts alone, for runs whose every row is
     # sampled (p_pp + p_pr = 1, not SPIN); a built-in task then trains on its whole prompt pool

@@ -49,12 +49,16 @@ def run_config(make_config: Callable, variant: str, seed: int, **overrides):
 # Settings added after ledgers were written, with the value that asks for what runs before them did:
 # at that value they are left out of the fingerprint, so a new knob does not orphan finished runs.
 ADDED_SETTINGS = {"data.train_kind": "preference", "data.shuffle": True, "data.group_by_length": False,
-                  "data.group_window": 64, "data.packing": False, "generation.slots": 0}
+                  "data.group_window": 64, "data.packing": False, "generation.slots": 0, "data.hf_name": "",
+                  "data.hf_subset": "", "data.hf_columns": ""}
+# Settings removed since (the online loop never read them), with the value ledgers recorded: a config
+# without one counts at that value.
+REMOVED_SETTINGS = {"data.max_length": 128}
 
 
 def config_fingerprint(config) -> str:
     """A hash of everything a run's config sets except MACHINE_LOCAL_KEYS, the length buckets' keys (and
-    ADDED_SETTINGS at their old behaviour): two runs with the same fingerprint were asked for the same
+    ADDED_SETTINGS at their old behaviour; REMOVED_SETTINGS at the value they had): two runs with the same fingerprint were asked for the same
     thing (the code they ran is recorded beside it). Keys the run fills in (``configs.fill_defaults``)
     count at the values it will use."""
     from sail_jax.configs import fill_defaults
@@ -77,6 +81,9 @@ def config_fingerprint(config) -> str:
         node, name = parent(key)
         if node.get(name) == old:
             node.pop(name)
+    for key, old in REMOVED_SETTINGS.items():
+        node, name = parent(key)
+        node.setdefault(name, old)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -28,8 +28,10 @@ def main():
         config = sail_config("sail_pp") if recipe == "sail" else base_config(recipe)
         config.mesh = dict(zip(("data", "fsdp", "tensor"), mesh))
         config.batch_size, config.optim.clip_norm, config.lora.rank = 16, clip, rank
-        config.data.max_length = 128
-        config.data.max_prompt_length, config.data.max_response_length = 64, 64
+        if recipe == "sail":
+            config.data.max_prompt_length, config.data.max_response_length = 64, 64
+        else:
+            config.data.max_prompt_length, config.data.max_length = 64, 128
         model_config = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                                    num_kv_heads=2, head_dim=32, remat=remat)
         devices = mesh[0] * mesh[1] * mesh[2]

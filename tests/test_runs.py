@@ -448,3 +448,20 @@ def test_wandb_logging_writes_a_run_that_a_resumed_run_continues(data, tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (workdir / "wandb_run_id").read_text().strip() == run_id
     assert len(sorted((workdir / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
+
+
+def test_the_shipped_ledger_still_takes_every_run_it_holds(tmp_path):
+    """docs/smollm2_ifeval_reduced_runs.json carries finished GPU/CPU runs from session to session: a change
+    to configs or defaults that does not change what those runs did must not orphan them (a change that
+    does is a decision, made by editing this test)."""
+    import functools
+    import importlib.util
+
+    from sail_jax.sweep import load_ledger
+
+    spec = importlib.util.spec_from_file_location("study_arms", os.path.join(REPO, "experiments", "study_arms.py"))
+    arms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(arms)
+    make = functools.partial(arms.make_config, steps=12, out=str(tmp_path), task="ifeval", gguf="", reduced=True)
+    taken, stale = load_ledger(os.path.join(REPO, "docs", "smollm2_ifeval_reduced_runs.json"), make, str(tmp_path))
+    assert (taken, stale) == (25, [])
