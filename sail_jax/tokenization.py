@@ -12,7 +12,6 @@ import os
 from typing import Iterable, Sequence, Union
 
 import numpy as np
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from sail_jax.errors import UserError
 from sail_jax.locations import local_folder
@@ -63,6 +62,8 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
         if not os.path.exists(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError(f"{path}: no tokenizer.json (a fast tokenizer file is required)")
+        from transformers import AutoTokenizer  # 2-3 s to import (torch with it where installed): only when loading
+
         return cls(AutoTokenizer.from_pretrained(path, local_files_only=True))
 
     def save_pretrained(self, path: str) -> None:
@@ -196,6 +197,7 @@ def train_bpe_tokenizer(
     """
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     raw = RawTokenizer(models.BPE())

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"  # the memory of the program users compile
 os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
                            "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 

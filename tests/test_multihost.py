@@ -154,7 +154,7 @@ def test_incomplete_process_flags_are_refused():
 
 
 def test_a_built_in_task_comes_from_one_process_then_runs_on_two(tmp_path):
-    task = ["--config=configs/sail_pp.py", f"--config.task.dir={tmp_path / 'task'}", "--config.task.sft_steps=150",
+    task = ["--config=configs/sail_pp.py", f"--config.task.dir={tmp_path / 'task'}", "--config.task.sft_steps=60",
             "--config.task.preference_train=64", "--config.task.preference_eval=16"]
     loop = ["-m", "sail_jax.cli", *task, f"--workdir={tmp_path / 'run'}", "--config.steps=1", "--config.batch_size=8",
             "--config.eval_batch_size=16", "--config.checkpoint.every=0"]

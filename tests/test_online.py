@@ -491,7 +491,7 @@ def test_a_run_on_your_data_without_a_held_out_set_or_a_reward_trains_and_says_w
     config = sail_config("sail_pp_revkl")
     config.model.path = tiny_checkpoint
     config.data.train_path = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(32, 1))
-    config.data.max_prompt_length = 40
+    config.data.max_prompt_length, config.data.max_response_length = 40, 12
     config.update(steps=3, batch_size=8, log_every=1, eval_every=1, compilation_cache="off")
     config.checkpoint.every = 0
     summary = sail_jax.run(config, str(tmp_path / "run"))

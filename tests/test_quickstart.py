@@ -20,6 +20,8 @@ PAGE = os.path.join(REPO, "docs", "quickstart.md")
 # Test-only scale: two updates of 8 rows, evaluated once (the page's runs are the real thing's length).
 SMALL = ["--config.steps=2", "--config.batch_size=8", "--config.eval_batch_size=8", "--config.log_every=1",
          "--config.eval_every=2", "--config.checkpoint.every=0"]
+# and, for the online loop, answers of 12 tokens from the tiny model (the real-data default is 256)
+SHORT_ANSWERS = ["--config.data.max_response_length=12"]
 
 
 def blocks(language: str) -> list[str]:
@@ -68,8 +70,9 @@ def test_every_command_of_the_quickstart_runs(newcomer):
         for argv in commands(block):
             if argv[0] != "sail-jax":
                 continue
-            out = subprocess.run([sys.executable, "-m", "sail_jax.cli", *argv[1:], *SMALL], cwd=work, env=env,
-                                 capture_output=True, text=True)
+            online = SHORT_ANSWERS if argv[1].startswith("--config=configs/sail") else []
+            out = subprocess.run([sys.executable, "-m", "sail_jax.cli", *argv[1:], *SMALL, *online], cwd=work,
+                                 env=env, capture_output=True, text=True)
             assert out.returncode == 0, f"{shlex.join(argv)}\n{out.stderr[-3000:]}"
             ran.append(argv[1])
     assert ran == ["--config=configs/dpo.py", "--config=configs/reward.py", "--config=configs/sail_pr.py"], ran
@@ -79,7 +82,7 @@ def test_every_command_of_the_quickstart_runs(newcomer):
     prelude = ("import sail_jax\n_run = sail_jax.run\n"
                "def _small(config, *args, **kwargs):\n"
                "    config.update(steps=2, batch_size=8, eval_batch_size=8, log_every=1, eval_every=2)\n"
-               "    config.checkpoint.every = 0\n"
+               "    config.checkpoint.every, config.data.max_response_length = 0, 12\n"
                "    return _run(config, *args, **kwargs)\n"
                "sail_jax.run = _small\n")
     out = subprocess.run([sys.executable, "-c", prelude + cell + "\nprint('summary', sorted(summary))\n"], cwd=work,

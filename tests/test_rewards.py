@@ -46,6 +46,12 @@ def plugin(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def shared_task(tmp_path_factory):
+    """A folder for the built-in task's files, which the first run in it builds."""
+    return tmp_path_factory.mktemp("task") / "task"
+
+
 def _source(fn):
     return make_reward_source(ml_collections.ConfigDict({"kind": "python", "fn": fn}))
 
@@ -124,15 +130,16 @@ def test_a_failing_source_is_named_by_its_term(plugin):
                                     ["--config.reward.sources=1.0*python:my_rewards:words + 0.5*builtin",
                                      "--config.reward.eval_kind=python", "--config.reward.eval_fn=my_rewards:words"]],
                          ids=["python", "weighted_sources"])
-def test_a_python_reward_labels_sail_pr_end_to_end(plugin, tmp_path, reward):
+def test_a_python_reward_labels_sail_pr_end_to_end(plugin, shared_task, tmp_path, reward):
     """The built-in task with its PR route labelled by the plug-in (longer answers win) or by a weighted
     pair of sources (the plug-in plus half the task's oracle), and evaluated by the plug-in: the
-    policy's answers grow."""
+    policy's answers grow. (The task's files, which no reward touches, are built once for both.)"""
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": os.pathsep.join([str(plugin), REPO])}
     out = subprocess.run([sys.executable, "-m", "sail_jax.cli", "--config=configs/sail_pr.py",
                           f"--workdir={tmp_path / 'run'}", *reward, "--config.sail.p_pr=1.0", "--config.steps=30",
                           "--config.eval_every=30", "--config.task.sft_steps=100",
-                          "--config.task.preference_train=256", "--config.task.preference_eval=32"],
+                          "--config.task.preference_train=256", "--config.task.preference_eval=32",
+                          f"--config.task.dir={shared_task}"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -208,7 +215,7 @@ def test_a_python_callable_labels_a_run_on_your_own_model_and_data_from_sail_jax
         c.model.path = tiny_checkpoint
         c.data.train_path = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(32, 1))
         c.data.eval_path = write_jsonl(tmp_path / "eval.jsonl", synthetic_pairs(8, 2))
-        c.data.max_prompt_length = 40
+        c.data.max_prompt_length, c.data.max_response_length = 40, 12
         c.update(steps=4, batch_size=8, eval_batch_size=8, eval_every=4, log_every=1, compilation_cache="off")
         c.checkpoint.every = 0
         return c

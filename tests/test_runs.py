@@ -156,7 +156,8 @@ def test_sigterm_stops_the_sail_loop_at_its_block_end_and_the_rerun_equals_the_u
     def sail(work):
         return [sys.executable, "-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--workdir={work}",
                 f"--config.model.path={data['model']}", f"--config.data.train_path={data['train']}",
-                f"--config.data.eval_path={data['eval']}", "--config.data.max_prompt_length=40", "--config.steps=6",
+                f"--config.data.eval_path={data['eval']}", "--config.data.max_prompt_length=40",
+                "--config.data.max_response_length=12", "--config.steps=6",
                 "--config.batch_size=8", "--config.eval_batch_size=16", "--config.eval_every=6",
                 "--config.log_every=1", "--config.checkpoint.every=0", "--config.generation.interval=3"]
 

@@ -51,7 +51,8 @@ def test_online_step_seconds_and_generation_share_add_up_to_the_wall_time(data, 
     workdir = tmp_path / "sail"
     _run([sys.executable, "-m", "sail_jax.cli", "--config=configs/sail_pp.py", f"--workdir={workdir}",
           f"--config.model.path={data['model']}", f"--config.data.train_path={data['train']}",
-          f"--config.data.eval_path={data['eval']}", "--config.data.max_prompt_length=40", "--config.steps=12",
+          f"--config.data.eval_path={data['eval']}", "--config.data.max_prompt_length=40",
+          "--config.data.max_response_length=12", "--config.steps=12",
           "--config.batch_size=8", "--config.eval_batch_size=16", "--config.eval_every=100", "--config.log_every=1",
           "--config.checkpoint.every=0"], tmp_path / "cache")
     summed, wall = _step_seconds_against_wall_time(workdir)
