@@ -125,11 +125,12 @@ def response_logps(model, prompt_ids, prompt_mask, response, response_mask, *, t
     return sequence_logprobs(model(ids, mask), ids, loss_mask, temperature=temperature)
 
 
-def response_token_logps(logits, ids, response_mask):
-    """Per-token ``log π(y_t | x, y<t)`` ``[n, T]`` of the ``T`` response tokens closing ``ids`` (0 where
-    masked), from the logits of a forward pass over ``ids``."""
+def response_token_logps(logits, ids, response_mask, *, temperature: float = 1.0):
+    """Per-token ``log π(y_t | x, y<t)`` ``[n, T]`` (at ``temperature``) of the ``T`` response tokens
+    closing ``ids`` (0 where masked), from the logits of a forward pass over ``ids``."""
     t = response_mask.shape[1]
-    return token_logprobs(logits[:, -t - 1:-1], ids[:, -t:]) * response_mask.astype(jnp.float32)
+    tokens = token_logprobs(logits[:, -t - 1:-1], ids[:, -t:], temperature=temperature)
+    return tokens * response_mask.astype(jnp.float32)
 
 
 def nash_md_weighted_logps(token_logps, ref_token_logps, response_mask):

@@ -21,18 +21,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sail_jax.logprobs import token_logprobs
-from sail_jax.objectives import join_prompt_response
+from sail_jax.losses import masked_mean
+from sail_jax.objectives import join_prompt_response, response_token_logps
 
+METHODS = ("grpo", "rloo")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 REWARD_SCALES = ("group", "batch", "none")
 STD_EPS = 1e-4  # TRL's: a group whose rewards are all equal gets advantages 0, not 0/0
 
 
-def _unbiased_std(x, axis=None, keepdims=False):
+def _unbiased_std(x, axis=None):
     n = x.size if axis is None else x.shape[axis]
     mean = jnp.mean(x, axis=axis, keepdims=True)
-    var = jnp.sum((x - mean) ** 2, axis=axis, keepdims=keepdims) / max(n - 1, 1)
+    var = jnp.sum((x - mean) ** 2, axis=axis) / max(n - 1, 1)
     return jnp.sqrt(var) if n > 1 else jnp.zeros_like(var)
 
 
@@ -106,16 +107,18 @@ def grpo_token_losses(token_logps, old_token_logps, ref_token_logps, advantages,
 
 
 def aggregate_token_losses(token_losses, mask, loss_type: str, *, max_completion_length: int,
-                           num_items=None):
+                           num_items=None, valid=None):
     """One loss from per-token losses ``[B, T]`` (``LOSS_TYPES``). ``num_items``: the generation batch's
-    completion tokens for ``dapo`` (its micro-batches share one normaliser; default: this batch's)."""
+    completion tokens for ``dapo`` (its micro-batches share one normaliser; default: this batch's).
+    ``valid`` ``[B]``: the rows that are sequences (padding rows count in no mean; default: all)."""
     masked = token_losses * mask
     if loss_type == "grpo":
-        return jnp.mean(masked.sum(-1) / jnp.maximum(mask.sum(-1), 1.0))
+        return masked_mean(masked.sum(-1) / jnp.maximum(mask.sum(-1), 1.0), valid)
     if loss_type == "bnpo":
         return masked.sum() / jnp.maximum(mask.sum(), 1.0)
     if loss_type == "dr_grpo":
-        return masked.sum() / (token_losses.shape[0] * max_completion_length)
+        rows = token_losses.shape[0] if valid is None else jnp.maximum(valid.sum(), 1.0)
+        return masked.sum() / (rows * max_completion_length)
     if loss_type == "dapo":
         return masked.sum() / jnp.maximum(mask.sum() if num_items is None else num_items, 1.0)
     raise ValueError(f"loss type {loss_type!r} is unknown; valid: {list(LOSS_TYPES)}")
@@ -128,17 +131,12 @@ def rloo_sequence_losses(seq_logps, old_seq_logps, advantages, *, epsilon_low: f
     return -jnp.minimum(weights * advantages, clipped * advantages)
 
 
-METHODS = ("grpo", "rloo")
-
-
 def group_token_logps(model, batch, *, temperature: float = 1.0):
     """Per-token ``log π(y_t | x, y<t)`` ``[n, T]`` of the batch's sampled responses (0 where masked), at
     the sampling ``temperature`` (as the sampler drew them, and as TRL scores them)."""
-    response, response_mask = batch["response"], batch["response_mask"]
-    ids, mask, _ = join_prompt_response(batch["prompt_ids"], batch["prompt_mask"], response, response_mask)
-    t = response.shape[1]
-    tokens = token_logprobs(model(ids, mask)[:, -t - 1:-1], ids[:, -t:], temperature=temperature)
-    return tokens * response_mask.astype(jnp.float32)
+    response_mask = batch["response_mask"]
+    ids, mask, _ = join_prompt_response(batch["prompt_ids"], batch["prompt_mask"], batch["response"], response_mask)
+    return response_token_logps(model(ids, mask), ids, response_mask, temperature=temperature)
 
 
 def make_group_objective(method: str, *, beta: float, epsilon_low: float, epsilon_high: float,
@@ -166,19 +164,12 @@ def make_group_objective(method: str, *, beta: float, epsilon_low: float, epsilo
         if method == "rloo":
             losses = rloo_sequence_losses(jnp.sum(tokens * mask, -1), jnp.sum(old * mask, -1), advantages,
                                           epsilon_low=epsilon_low, epsilon_high=epsilon_high)
-            loss = jnp.sum(losses * valid) / jnp.maximum(valid.sum(), 1.0)
-            return loss, {"pg/advantage_abs": jnp.sum(jnp.abs(advantages) * valid) / jnp.maximum(valid.sum(), 1.0)}
+            return masked_mean(losses, valid), {"pg/advantage_abs": masked_mean(jnp.abs(advantages), valid)}
         losses, stats = grpo_token_losses(tokens, old, batch.get("ref_token_logps"), advantages, mask, beta=beta,
                                           epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                                           importance_level=importance_level)
-        if loss_type == "grpo":  # the mean over valid sequences (padding rows are not sequences)
-            per_sequence = jnp.sum(losses * mask, -1) / jnp.maximum(mask.sum(-1), 1.0)
-            loss = jnp.sum(per_sequence * valid) / jnp.maximum(valid.sum(), 1.0)
-        elif loss_type == "dr_grpo":
-            loss = jnp.sum(losses * mask) / (jnp.maximum(valid.sum(), 1.0) * max_completion_length)
-        else:
-            loss = aggregate_token_losses(losses, mask, loss_type, max_completion_length=max_completion_length,
-                                          num_items=batch.get("num_items"))
+        loss = aggregate_token_losses(losses, mask, loss_type, max_completion_length=max_completion_length,
+                                      num_items=batch.get("num_items"), valid=valid)
         return loss, {f"pg/{k}": v for k, v in stats.items()}
 
     return objective
