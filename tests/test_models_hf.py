@@ -167,6 +167,31 @@ def test_bfloat16_load_keeps_bf16_params_and_close_logits(save_hf):
     assert float(jnp.abs(a - b)[mask.astype(bool)].max()) < 0.05 * scale
 
 
+def test_float32_weights_for_bfloat16_compute_start_where_the_forward_pass_rounds_them(save_hf):
+    """A float16 checkpoint (SmolLM2's GGUF is one) loaded as float32 weights with bfloat16 compute: every
+    weight starts on the bfloat16 grid, so the forward pass is the pure-bfloat16 model's, bit for bit, and
+    no weight sits halfway between two bfloat16 values, where any update of 1e-6 moved it a whole step
+    (SmolLM2's first DPO step at lr 1e-6 then cost 47 nats of log-probability)."""
+    import torch
+    from flax import nnx
+
+    path = save_hf(random_hf_model("LlamaForCausalLM").to(torch.float16))
+    mixed = load_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    pure = load_pretrained(path, dtype=jnp.bfloat16)
+    halfway = 0
+    for a, b in zip(jax.tree.leaves(nnx.state(mixed, nnx.Param)), jax.tree.leaves(nnx.state(pure, nnx.Param))):
+        a = np.asarray(a)
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, np.asarray(b.astype(jnp.float32)))
+        halfway += int(np.sum((a.view(np.uint32) & 0xFFFF) == 0x8000))
+    assert halfway == 0
+    ids, mask = left_padded_batch(97, batch=2, length=8)
+    np.testing.assert_array_equal(mixed(jnp.asarray(ids), jnp.asarray(mask)), pure(jnp.asarray(ids), jnp.asarray(mask)))
+    f16 = load_pretrained(path, param_dtype=jnp.float32)  # float32 compute keeps the checkpoint's values
+    q = np.asarray(f16.model.layers[0].self_attn.q_proj.kernel[...])
+    assert np.mean((q.view(np.uint32) & 0xFFFF) == 0x8000) > 0.05  # float16's halfway points, which the snap removes
+
+
 def test_load_straight_into_sharded_layout(save_hf):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "tensor"))
 

@@ -160,11 +160,16 @@ def load_pretrained(
         raise ValueError(f"{path}: checkpoint does not match {config.architecture}: " + "; ".join(problems))
 
     np_dtype = jnp.dtype(config.weight_dtype)
+    # Stored wider than computed (float32 weights, bfloat16 compute): each weight starts at the value the forward
+    # pass uses. A float16 checkpoint puts 1 weight in 8 exactly halfway between two bfloat16 values; any update
+    # then moves it a whole bfloat16 step, so SmolLM2's first DPO step at lr 1e-6 cost its log-probs 47 nats.
+    snap = jnp.dtype(dtype) if jnp.finfo(jnp.dtype(dtype)).bits < jnp.finfo(np_dtype).bits else None
     for file, names in _group_by_file({n: files[n] for n in specs if n not in new_heads}).items():
         with safe_open(file, framework="numpy") as f:
             for name in names:
                 spec = specs[name]
-                value = spec.from_hf(f.get_tensor(name)).astype(np_dtype)
+                value = spec.from_hf(f.get_tensor(name))
+                value = (value if snap is None else value.astype(snap)).astype(np_dtype)
                 if shardings is not None:
                     array = jax.device_put(value, shardings(spec.path, spec.shape))
                 else:
