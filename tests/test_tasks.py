@@ -64,3 +64,28 @@ def test_lengths_and_learning_rate_come_from_the_task_or_default_to_real_data():
     fill_defaults(mine)
     assert (mine.data.max_prompt_length, mine.data.max_response_length, mine.generation.max_new_tokens,
             mine.optim.learning_rate) == (REAL_DATA_DEFAULTS["data.max_prompt_length"], 128, 128, 1e-6)
+
+
+def test_a_task_built_before_any_run_validates_its_config_takes_the_tasks_lengths(tmp_path, monkeypatch):
+    """A sweep builds its shared task from an arm's config before any run has filled its unset keys:
+    ``prepare_task`` fills them itself (the task's caps, not None), as a run's validation would."""
+    from sail_jax.configs import sail_config
+    from sail_jax.tasks import prepare as prepare_module
+
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def build_policy(config, root):
+        seen.update(prompt=config.data.max_prompt_length, response=config.data.max_response_length)
+        raise Built
+
+    monkeypatch.setattr(prepare_module, "get_task", lambda name: type("Task", (), {
+        "MODEL_DIR": "sft/export", "build_policy": staticmethod(build_policy)}))
+    config = sail_config("grpo")
+    assert config.data.max_prompt_length is None
+    with pytest.raises(Built):
+        prepare_module.prepare_task(config, str(tmp_path))
+    assert seen == {"prompt": builtin.DEFAULTS["data.max_prompt_length"],
+                    "response": builtin.DEFAULTS["data.max_response_length"]}

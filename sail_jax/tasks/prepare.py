@@ -28,7 +28,12 @@ def write_jsonl(path: str, rows) -> str:
 def prepare_task(config, workdir: str) -> dict[str, str]:
     """Build (or reuse) the files of ``config.task.name``: the policy folder, the training set (the
     offline preference pairs, or with ``data.train_kind=prompt`` every prompt they were sampled for),
-    and the held-out set (pairs, or prompts alone when ``data.eval_kind`` is ``prompt``)."""
+    and the held-out set (pairs, or prompts alone when ``data.eval_kind`` is ``prompt``). Keys left unset
+    take the task's values (``configs.fill_defaults``), whoever calls this first (a sweep builds the task
+    before any run validates its config)."""
+    from sail_jax.configs import fill_defaults
+
+    fill_defaults(config)
     task = get_task(config.task.get("name", "builtin"))
     root = os.path.abspath(config.task.dir or os.path.join(workdir, "task"))
     kinds = {split: config.data.get(f"{split}_kind", "preference") for split in ("train", "eval")}
