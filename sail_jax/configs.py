@@ -131,7 +131,32 @@ VARIANTS = {
     "sail_dp": dict(p_dp=0.4),
     "sail_mixed": dict(p_dp=0.2, p_pp=0.2, p_pr=0.2),
     "released_code": dict(p_pp=0.3, score_term="released_code"),
+    # Group-relative policy gradients (sail_jax.policy_gradient): every sampled row learns from its reward
+    # relative to its prompt's other samples; 4 samples per prompt, as the study compares them.
+    # GRPO as DeepSeekMath defined it (each sequence's token mean, std-scaled advantages, k3 KL at β 0.04);
+    # Dr. GRPO (Liu et al. 2025: no std scaling, a constant normaliser, no KL); RLOO as TRL's RLOOTrainer.
+    "grpo": {"p_pr": 1.0, "gamma": 0.0, "num_samples": 4, "pg.method": "grpo", "pg.loss_type": "grpo",
+             "pg.beta": 0.04},
+    "dr_grpo": {"p_pr": 1.0, "gamma": 0.0, "num_samples": 4, "pg.method": "grpo", "pg.loss_type": "dr_grpo",
+                "pg.scale_rewards": "none"},
+    "rloo": {"p_pr": 1.0, "gamma": 0.0, "num_samples": 4, "pg.method": "rloo", "pg.beta": 0.05},
 }
+
+
+def pg_defaults() -> dict:
+    """The ``pg`` section (sail_jax.policy_gradient) at TRL 1.13's GRPOConfig defaults; method "" leaves it
+    unused. A function: each config needs placeholders of its own."""
+    return {
+        "method": "",  # "" (SAIL's pairwise routes) | grpo | rloo
+        "loss_type": "dapo",  # grpo: how token losses aggregate: grpo | bnpo | dr_grpo | dapo
+        "scale_rewards": "group",  # grpo: advantages divided by the group's std | batch | none (Dr. GRPO)
+        "normalize_advantages": False,  # rloo: standardise the advantages over the batch
+        "beta": 0.0,  # KL(π‖π_ref) coefficient: grpo's k3 term in the loss, rloo's penalty in the reward
+        "epsilon": 0.2,  # the ratio's lower clip 1 − ε
+        "epsilon_high": placeholder(float),  # the upper clip 1 + ε_high (DAPO's clip-higher; default: epsilon)
+        "delta": placeholder(float),  # grpo: cap on the unclipped ratio (two-sided clipping; None: off)
+        "importance_sampling_level": "token",  # grpo: token | sequence (GSPO's length-normalised sequence ratio)
+    }
 
 
 # The online loop's defaults on the user's own model and data (prompts of a chat turn or two, answers
@@ -215,6 +240,9 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
     # steps where lengths vary)
     c.generation = ml_collections.ConfigDict({"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": placeholder(int),
                                               "interval": 1, "reuse": 1, "slots": 0})
+    # pg.method grpo | rloo: a group-relative policy gradient instead of SAIL's pairwise loss (every row sampled
+    # and scored by the reward; sail.num_samples is the group). The rest as TRL 1.13's GRPOConfig names them.
+    c.pg = ml_collections.ConfigDict(pg_defaults())
     c.reference.sync_every = 0  # TR-DPO-style reference sync (0: never; the reference stays the SFT model)
     c.reference.sync_alpha = 1.0
     c.loss.beta = 0.1
@@ -232,7 +260,8 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
     c.generation.interval = overrides.pop("interval", 1)
     c.reference.sync_every = overrides.pop("sync_every", 0)
     for k, v in overrides.items():
-        c.sail[k] = v
+        section, name = k.split(".") if "." in k else ("sail", k)
+        c[section][name] = v
     return c
 
 

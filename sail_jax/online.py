@@ -33,11 +33,13 @@ from sail_jax.data.pipeline import train_iterator
 from sail_jax.distributed import global_array, to_host
 from sail_jax.driver import drive
 from sail_jax.evaluate import Evaluator, decode_responses, distinct_n, make_logp_fn
+from sail_jax.group_labeling import make_group_labeller, needs_old_logps
 from sail_jax.labeling import GEN_KEY, ROUTE_KEY, draw_routes, every_row_sampled, make_labeller, step_key
 from sail_jax.objectives import make_sail_objective, make_term_gradient_norms, response_logps
 from sail_jax.sail_terms import (ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood,
                                  update_running_baseline)
 from sail_jax.optim import make_optimizer
+from sail_jax.policy_gradient import make_group_objective
 from sail_jax.reference_cache import KEYS as REF_KEYS
 from sail_jax.reference_cache import attach_reference_logps
 from sail_jax.sampling import GeometricMixture, generate
@@ -83,13 +85,14 @@ class OnlineLoop:
         self.ref_graphdef, self.ref_params = self.trainable.reference(self.state.params, self.shardings.params)
         replicated = NamedSharding(mesh, P())
         self.frozen_shardings = {"baseline": replicated, **self.trainable.frozen_shardings}
-        objective = make_sail_objective(config.loss, self.sail, score_temperature=self._score_temperature(),
-                                        data_parallel=data_parallel_size(mesh),
-                                        grad_accum_steps=int(config.optim.grad_accum_steps))
+        self.pg = config.pg
+        self.old_logps = bool(self.pg.method) and needs_old_logps(self.pg.method, float(self.pg.beta), self.block_len)
+        objective = self._make_objective()
         self.train_step = make_train_step(self.graphdef, self.tx, objective, mesh, self.shardings,
                                           self.frozen_shardings, seed=config.seed)
-        self.log_term_grads = bool(self.sail.get("log_term_grads", False))
-        self.term_gradient_norms = jax.jit(make_term_gradient_norms(self.graphdef, objective))
+        self.log_term_grads = bool(self.sail.get("log_term_grads", False))  # validation: SAIL's objective only
+        if self.log_term_grads:
+            self.term_gradient_norms = jax.jit(make_term_gradient_norms(self.graphdef, objective))
         self._batch_ell = jax.jit(lambda states, batch: implicit_log_likelihood(
             *(response_logps(nnx.merge(self.graphdef, *states), batch["prompt_ids"], batch["prompt_mask"],
                              batch[f"{s}_response"], batch[f"{s}_response_mask"])[0] for s in ("chosen", "rejected")),
@@ -115,6 +118,21 @@ class OnlineLoop:
             self.graphdef, (self.ref_graphdef, self.ref_params), reward_source=eval_reward_source or reward_source,
             tokenizer=tokenizer, gen_cfg=self.gen, beta=self.beta, seed=config.seed + 1,
             missing_eos_penalty=float(config.reward.missing_eos_penalty), mesh=mesh, **evaluator_args)
+
+    def _make_objective(self):
+        """SAIL's per-route pairwise loss, or with ``pg.method`` a group-relative policy gradient."""
+        if not self.pg.method:
+            return make_sail_objective(self.config.loss, self.sail, score_temperature=self._score_temperature(),
+                                       data_parallel=data_parallel_size(self.mesh),
+                                       grad_accum_steps=int(self.config.optim.grad_accum_steps))
+        pg, epsilon = self.pg, float(self.pg.epsilon)
+        high, delta = pg.get("epsilon_high", None), pg.get("delta", None)
+        return make_group_objective(pg.method, beta=float(pg.beta), epsilon_low=epsilon,
+                                    epsilon_high=epsilon if high is None else float(high),
+                                    delta=None if delta is None else float(delta), loss_type=pg.loss_type,
+                                    importance_level=pg.importance_sampling_level,
+                                    max_completion_length=int(self.gen.max_new_tokens),
+                                    temperature=float(self.gen.temperature))
 
     def _precompute_reference(self, arrays):
         """``reference.precompute``: the dataset pairs' reference log-probs, once, into the batches."""
@@ -150,19 +168,22 @@ class OnlineLoop:
             model = self.trainable.model(self.state.params)  # adapters applied, not merged (docs/training.md: LoRA)
             for i, batch in enumerate(batches):
                 t0 = time.time()
-                ids, mask, finished = self._sample(model, batch, self._key(GEN_KEY, step * 1000 + i))
+                ids, mask, finished, logprobs = self._sample(model, batch, self._key(GEN_KEY, step * 1000 + i))
                 # the response width: the bucket of the longest sample (label() widens it to the pairs')
                 width = self.buckets.length(int(mask.sum(1).max()), int(self.config.data.max_response_length))
                 s = {"tokens": pad_right(ids, width, self.tokenizer.pad_id), "mask": pad_right(mask, width),
                      "finished": finished}
+                if self.old_logps:  # the sampling policy's own log-probs (group_labeling says when they are π_old)
+                    s["logprobs"] = pad_right(logprobs, width)
                 seconds += time.time() - t0
                 tokens += int(s["mask"].sum())
                 samples.append(s)
         distinct = float(np.mean([distinct_n(s["tokens"], s["mask"], 2) for s in samples])) if samples else None
         return Block(step, batches, samples, seconds, tokens, distinct)
 
-    def _sample(self, model, batch, key) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``num_samples`` responses per prompt from the policy (prompt-major, on the host; one for
+    def _sample(self, model, batch, key) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens, masks, finished flags and the sampler's per-token log-probs of ``num_samples``
+        responses per prompt from the policy (prompt-major, on the host; one for
         SPIN); with ``sail.opponent=reference`` (XPO) the second of each prompt's two is the reference's,
         with ``mixture`` (Nash-MD) the geometric mixture's of policy and reference (``sail.mixture_coef``)."""
         def draw(m, key, k):
@@ -172,7 +193,7 @@ class OnlineLoop:
                            top_p=float(self.gen.top_p), eos_ids=self.tokenizer.eos_id, num_samples=k,
                            pad_id=self.tokenizer.pad_id, batch_sharding=batch_sharding(self.mesh),
                            slots=int(self.gen.get("slots", 0)))
-            return [np.asarray(to_host(x)) for x in (out.tokens, out.mask, out.finished)]
+            return [np.asarray(to_host(x)) for x in (out.tokens, out.mask, out.finished, out.logprobs)]
 
         opponent = self.sail.get("opponent", "policy")
         if opponent not in ("reference", "mixture"):
@@ -186,17 +207,46 @@ class OnlineLoop:
 
     # ------------------------------------------------------------------ labelling
     def _make_labeller(self):
-        """Labelling as one jitted program on the mesh (``labeling.make_labeller``)."""
-        sail = self.sail
+        """Labelling as one jitted program on the mesh (``labeling.make_labeller``, or with ``pg.method``
+        ``group_labeling.make_group_labeller``)."""
+        sail, pg = self.sail, self.pg
+        if pg.method:
+            return make_group_labeller(self.ref_graphdef, self.mesh, temperature=float(self.gen.temperature),
+                                       method=pg.method, num_samples=int(sail.num_samples), beta=float(pg.beta),
+                                       scale=pg.scale_rewards, normalize=bool(pg.normalize_advantages),
+                                       ratio_needs_old=self.block_len > 1)
         return make_labeller(self.graphdef, self.ref_graphdef, self.mesh, self.key, beta=self.beta,
                              num_samples=int(sail.num_samples), pair_selection=sail.pair_selection,
                              pp_label_mode=sail.pp_label_mode, pr_label_mode=sail.pr_label_mode,
                              relabel_dp=float(sail.p_dp) > 0, opponent=sail.get("opponent", "policy"),
                              dataset_pairs=self.dataset_pairs, self_labelled=float(sail.p_pp) > 0)
 
+    def _rewards(self, batch: dict, samples: dict, rows: np.ndarray) -> np.ndarray:
+        """The reward source's scores ``[len(rows), k]`` of the samples of the batch's ``rows``, less the
+        missing-EOS penalty for a sample that did not end."""
+        k = int(self.sail.num_samples)
+        flat = (rows[:, None] * k + np.arange(k)).reshape(-1)
+        texts = decode_responses(self.tokenizer, samples["tokens"][flat], samples["mask"][flat])
+        prompts = [self.train_prompts[batch["index"][i]] for i in rows for _ in range(k)]
+        unfinished = ~samples["finished"][flat].astype(bool)
+        scores = (np.asarray(self.reward_source(prompts, texts), np.float32)
+                  - float(self.config.reward.missing_eos_penalty) * unfinished)
+        return scores.reshape(len(rows), k)
+
+    def _label_groups(self, batch: dict, samples: dict) -> tuple[dict, dict]:
+        """``pg.method``: every sample a train row with its advantage (``group_labeling``)."""
+        placed = lambda tree: jax.tree.map(lambda x: global_array(x, batch_sharding(self.mesh)), tree)  # noqa: E731
+        rewards = self._rewards(batch, samples, np.arange(len(batch["valid"]))).reshape(-1)
+        rows = placed({key: batch[key] for key in ("prompt_ids", "prompt_mask", "valid")})
+        sample_rows = placed({key: samples[key] for key in ("tokens", "mask", "logprobs") if key in samples})
+        out, stats = self._labeller(self.ref_params, rows, sample_rows, placed(rewards))
+        return out, {**{name: float(v) for name, v in jax.device_get(stats).items()}, **self.shapes.metrics(out)}
+
     def label(self, step: int, batch: dict, samples: dict | None) -> tuple[dict, dict]:
         """The train batch (pair per example, per its route; global arrays on the mesh) and the labelling
         metrics. The host draws the routes, and decodes and scores only the PR rows' samples."""
+        if self.pg.method:
+            return self._label_groups(batch, samples)
         b = len(batch["valid"])
         routes = np.asarray(draw_routes(self._key(ROUTE_KEY, step), b, p_dp=float(self.sail.p_dp),
                                         p_pp=float(self.sail.p_pp), p_pr=float(self.sail.p_pr)))
@@ -210,14 +260,8 @@ class OnlineLoop:
         reward = np.zeros((b, k), np.float32)
         pr_rows = np.where(routes == ROUTE_PR)[0]
         if samples is not None and len(pr_rows) and self.reward_source is not None:  # None: SPIN reads no reward
-            flat = (pr_rows[:, None] * k + np.arange(k)).reshape(-1)
-            texts = decode_responses(self.tokenizer, samples["tokens"][flat], samples["mask"][flat])
-            prompts = [self.train_prompts[batch["index"][i]] for i in pr_rows for _ in range(k)]
-            unfinished = ~samples["finished"][flat].astype(bool)
-            scores = (np.asarray(self.reward_source(prompts, texts), np.float32)
-                      - float(self.config.reward.missing_eos_penalty) * unfinished)
-            reward[pr_rows] = scores.reshape(len(pr_rows), k)
-            metrics["pr/sample_reward"] = float(scores.mean())
+            reward[pr_rows] = self._rewards(batch, samples, pr_rows)
+            metrics["pr/sample_reward"] = float(reward[pr_rows].mean())
         sharding = batch_sharding(self.mesh)
         pairs = ("chosen_response", "chosen_response_mask", "rejected_response", "rejected_response_mask", *REF_KEYS)
         keys = ("prompt_ids", "prompt_mask", "valid") + (pairs if self.dataset_pairs else ())
@@ -286,7 +330,7 @@ class OnlineLoop:
         """The step reads the running baseline *before* this batch is folded in (it must not depend
         on the example's own sample); ℓ is computed from the labelling pass's log-probs."""
         self.baseline_for_step = self.baseline
-        if self.sail.baseline != "running":
+        if self.sail.baseline != "running" or self.pg.method:
             return
         ell = self._batch_ell(self.policy_params(), batch)
         self.baseline = update_running_baseline(self.baseline, ell, batch["route"], batch["valid"],

@@ -20,6 +20,7 @@ import time
 from typing import Callable
 
 import jax
+import ml_collections
 import numpy as np
 from scipy import stats
 
@@ -61,7 +62,7 @@ def config_fingerprint(config) -> str:
     ADDED_SETTINGS at their old behaviour; REMOVED_SETTINGS at the value they had): two runs with the same fingerprint were asked for the same
     thing (the code they ran is recorded beside it). Keys the run fills in (``configs.fill_defaults``)
     count at the values it will use."""
-    from sail_jax.configs import fill_defaults
+    from sail_jax.configs import fill_defaults, pg_defaults
 
     config = copy.deepcopy(config)
     fill_defaults(config)
@@ -81,6 +82,8 @@ def config_fingerprint(config) -> str:
         node, name = parent(key)
         if node.get(name) == old:
             node.pop(name)
+    if values.get("pg") == json.loads(ml_collections.ConfigDict(pg_defaults()).to_json()):  # added unused
+        values.pop("pg")
     for key, old in REMOVED_SETTINGS.items():
         node, name = parent(key)
         node.setdefault(name, old)

@@ -250,7 +250,8 @@ def validate_online_config(config) -> None:
         _require(float(s.p_pp) == 0, f"config.sail.p_pp={s.p_pp}: with sail.opponent='data' (SPIN) the dataset's "
                                      "response always wins, nothing is self-labelled; route SPIN rows with p_pr")
     else:
-        _require(int(s.num_samples) >= 2, f"config.sail.num_samples={s.num_samples} must be >= 2 (a pair per prompt)")
+        _require(int(s.num_samples) >= 2, f"config.sail.num_samples={s.num_samples} must be >= 2 (a pair, or a group, "
+                                          "per prompt)")
     if opponent != "policy":
         extra = {"gamma": float(s.gamma), "revkl": float(s.revkl),
                  "lam (with p_pp > 0)": float(s.lam) * (float(s.p_pp) > 0)}
@@ -340,6 +341,42 @@ def validate_online_config(config) -> None:
     _require(int(config.checkpoint.every) % block == 0,
              f"config.checkpoint.every={config.checkpoint.every} must be a multiple of generation.interval x reuse "
              f"= {block}, so checkpoints fall between generation blocks (exact resume)")
+    if config.get("pg", {}).get("method", ""):
+        _validate_group_method(config, block)
+
+
+def _validate_group_method(config, block: int) -> None:
+    """``pg.method`` (GRPO / RLOO): every row sampled and scored by the reward, a group of samples per
+    prompt, the pg options known, and exact π_old log-probs where the loss reads them."""
+    from sail_jax.group_labeling import needs_old_logps
+    from sail_jax.policy_gradient import LOSS_TYPES, METHODS, REWARD_SCALES
+
+    pg, s, g = config.pg, config.sail, config.generation
+    _require(pg.method in METHODS, f"config.pg.method={pg.method!r} is unknown; valid: '' (SAIL's pairwise routes) "
+                                   f"or {list(METHODS)}")
+    _require(float(s.p_pr) == 1 and float(s.p_pp) == 0 and float(s.p_dp) == 0,
+             f"config.pg.method={pg.method!r} learns from every sample's reward: set sail.p_pr=1, p_pp=0, p_dp=0 "
+             f"(got {s.p_pr}, {s.p_pp}, {s.p_dp})")
+    _require(s.get("opponent", "policy") == "policy" and not s.get("online_loss_type", "")
+             and not s.get("log_term_grads", False) and s.baseline != "running",
+             f"config.pg.method={pg.method!r} replaces SAIL's pairwise loss: leave sail.opponent='policy', "
+             "sail.online_loss_type='', sail.log_term_grads=False and sail.baseline='batch_mean'")
+    _require(pg.loss_type in LOSS_TYPES, f"config.pg.loss_type={pg.loss_type!r} is unknown; valid: {list(LOSS_TYPES)}")
+    _require(pg.scale_rewards in REWARD_SCALES,
+             f"config.pg.scale_rewards={pg.scale_rewards!r} is unknown; valid: {list(REWARD_SCALES)}")
+    _require(pg.importance_sampling_level in ("token", "sequence"),
+             f"config.pg.importance_sampling_level={pg.importance_sampling_level!r} is unknown; valid: "
+             "['token', 'sequence']")
+    high, delta = pg.get("epsilon_high", None), pg.get("delta", None)
+    _require(float(pg.beta) >= 0 and 0 < float(pg.epsilon) < 1 and (high is None or float(high) > 0),
+             f"config.pg: beta={pg.beta} must be >= 0, epsilon={pg.epsilon} in (0, 1), epsilon_high={high} > 0")
+    _require(delta is None or float(delta) > 1, f"config.pg.delta={delta} must be > 1 (it caps the ratio from "
+                                                "above; unset: no cap)")
+    if needs_old_logps(pg.method, float(pg.beta), block):
+        _require(int(g.top_k) == 0 and float(g.top_p) == 1.0,
+                 f"config.generation.top_k={g.top_k}, top_p={g.top_p}: pg.method={pg.method!r} with "
+                 f"interval x reuse = {block} and beta = {pg.beta} reads the sampling policy's log-probs, which "
+                 "the sampler gives exactly only unfiltered: set top_k=0 and top_p=1")
 
 
 def validate_config(config) -> None:

@@ -20,7 +20,9 @@ import socket
 import time
 
 from etils import epath
+from ml_collections import FieldReference
 
+from sail_jax.configs import pg_defaults
 from sail_jax.data.buckets import CONFIG_KEYS
 from sail_jax.errors import UserError
 
@@ -35,7 +37,9 @@ FREE_KEYS = ("steps", "log_every", "eval_every", "eval_batch_size", "checkpoint.
              *CONFIG_KEYS, "data.packing",  # padding cut: the same losses, fewer FLOPs
              "generation.slots")  # continuous batching draws the same samples
 # Keys added since runs were first saved whose default is not empty but still means "off".
-OFF_DEFAULTS = {"sail.opponent": "policy", "sail.mixture_coef": 0.5, "data.shuffle": True, "data.group_window": 64}
+# The ``pg`` section's options count as off while ``pg.method`` is "" (SAIL's own loss): at their defaults.
+OFF_DEFAULTS = {"sail.opponent": "policy", "sail.mixture_coef": 0.5, "data.shuffle": True, "data.group_window": 64,
+                **{f"pg.{key}": value for key, value in pg_defaults().items() if not isinstance(value, FieldReference)}}
 
 
 class WorkdirLocked(UserError):

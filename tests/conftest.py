@@ -188,3 +188,42 @@ def offline_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
     return cache
+
+
+def online_loop(tiny_checkpoint, tmp, mesh_shape, variant="sail_mixed", sail=None, train_kind="preference",
+                generation=None, **reference):
+    """An OnlineLoop of ``variant`` on the tiny checkpoint and 64 synthetic pairs (no training run): 16
+    prompts a batch, 3 samples per prompt (where the opponent does not fix it), 10 new tokens under a
+    response cap of 12, rewarded by their word count."""
+    from sail_jax.configs import sail_config
+    from sail_jax.data.pipeline import encode_online
+    from sail_jax.data.records import Records
+    from sail_jax.models import load_pretrained
+    from sail_jax.online import OnlineLoop
+    from sail_jax.rewards import OracleReward
+    from sail_jax.sharding import make_mesh
+    from sail_jax.tokenization import Tokenizer
+
+    config = sail_config(variant)
+    config.model.path = tiny_checkpoint
+    config.data.max_prompt_length, config.data.max_response_length = 40, 12
+    config.generation.max_new_tokens = 10  # < max_response_length: padded
+    config.sail.num_samples = {"policy": 3, "reference": 2, "mixture": 2, "data": 1}[config.sail.opponent]
+    config.sail.update(sail or {})
+    config.generation.update(generation or {})
+    config.batch_size, config.eval_batch_size = 16, 16
+    config.reference.update(reference)
+    config.data.train_kind = train_kind
+    tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
+    rows = synthetic_pairs(64)
+    enc = encode_online(Records(rows), tokenizer, max_prompt_length=40, max_response_length=12)
+    train = encode_online(Records([{"prompt": r["prompt"]} for r in rows]), tokenizer, max_prompt_length=40,
+                          max_response_length=12, prompts_only=True) if train_kind == "prompt" else enc
+    mesh = make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
+    # Reward: response length in tokens' characters, so PR labels are checkable and ties happen.
+    reward = OracleReward(lambda prompt, response: float(len(response.split())))
+    return OnlineLoop(config, model=load_pretrained(tiny_checkpoint), tokenizer=tokenizer, mesh=mesh,
+                      train_arrays=train.arrays, train_prompts=[r["prompt"] for r in rows],
+                      reward_source=reward, workdir=str(tmp),
+                      evaluator_args={"prompts": [r["prompt"] for r in rows[:16]],
+                                      "eval_arrays": {k: v[:16] for k, v in enc.arrays.items()}, "batch_size": 16})

@@ -10,13 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import main_job_variant, synthetic_pairs
+from conftest import main_job_variant, online_loop, synthetic_pairs
 from flax import nnx
 
 from sail_jax.configs import VARIANTS, sail_config
 from sail_jax.labeling import dp_swaps, draw_routes, preference_labels, select_pairs
 from sail_jax.sail_terms import ROUTE_DP, ROUTE_OFFLINE, ROUTE_PP, ROUTE_PR, RunningBaseline, sail_loss
-from sail_jax.models import load_pretrained
 from sail_jax.objectives import make_sail_objective, response_logps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,40 +71,7 @@ def test_pair_selection_methods():
 @pytest.fixture(scope="module")
 def loop(tiny_checkpoint, tmp_path_factory):
     """An OnlineLoop on the tiny checkpoint and synthetic pairs (no training run)."""
-    return _online_loop(tiny_checkpoint, tmp_path_factory.mktemp("online"), (1, 1, 1))
-
-
-def _online_loop(tiny_checkpoint, tmp, mesh_shape, variant="sail_mixed", sail=None, train_kind="preference",
-                 **reference):
-    from sail_jax.data.pipeline import encode_online
-    from sail_jax.data.records import Records
-    from sail_jax.online import OnlineLoop
-    from sail_jax.rewards import OracleReward
-    from sail_jax.sharding import make_mesh
-    from sail_jax.tokenization import Tokenizer
-
-    config = sail_config(variant)
-    config.model.path = tiny_checkpoint
-    config.data.max_prompt_length, config.data.max_response_length = 40, 12
-    config.generation.max_new_tokens = 10  # < max_response_length: padded
-    config.sail.num_samples = {"policy": 3, "reference": 2, "mixture": 2, "data": 1}[config.sail.opponent]
-    config.sail.update(sail or {})
-    config.batch_size, config.eval_batch_size = 16, 16
-    config.reference.update(reference)
-    config.data.train_kind = train_kind
-    tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
-    rows = synthetic_pairs(64)
-    enc = encode_online(Records(rows), tokenizer, max_prompt_length=40, max_response_length=12)
-    train = encode_online(Records([{"prompt": r["prompt"]} for r in rows]), tokenizer, max_prompt_length=40,
-                          max_response_length=12, prompts_only=True) if train_kind == "prompt" else enc
-    mesh = make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
-    # Reward: response length in tokens' characters, so PR labels are checkable and ties happen.
-    reward = OracleReward(lambda prompt, response: float(len(response.split())))
-    return OnlineLoop(config, model=load_pretrained(tiny_checkpoint), tokenizer=tokenizer, mesh=mesh,
-                      train_arrays=train.arrays, train_prompts=[r["prompt"] for r in rows],
-                      reward_source=reward, workdir=str(tmp),
-                      evaluator_args={"prompts": [r["prompt"] for r in rows[:16]],
-                                      "eval_arrays": {k: v[:16] for k, v in enc.arrays.items()}, "batch_size": 16})
+    return online_loop(tiny_checkpoint, tmp_path_factory.mktemp("online"), (1, 1, 1))
 
 
 def _label(loop, step, batch, samples):
@@ -174,7 +140,7 @@ def test_one_program_labeller_equals_the_host_labelling_it_replaced(tiny_checkpo
     bit (routes, DP swaps, PP/PR selection and labels, ties, the gathered responses and reference
     log-probs), on one device and on an 8-device mesh; and without PP rows (sail_pr), where the
     labeller skips the policy's pass over the samples."""
-    loop = _online_loop(tiny_checkpoint, tmp_path, mesh_shape, variant=variant)
+    loop = online_loop(tiny_checkpoint, tmp_path, mesh_shape, variant=variant)
     loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 1.05, loop.state.params))  # π != π_ref
     block = loop._generate_block(0)
     for step in range(4):
@@ -191,11 +157,11 @@ def test_when_every_row_is_sampled_prompts_alone_give_the_same_train_batch(tiny_
     """p_pp + p_pr = 1 (PR, PP, Nash-MD): the labeller skips the dataset pairs' reference pass, and a loop
     given prompts alone (data.train_kind=prompt) labels the same train batch, bit for bit, as the labeller
     that reads the pairs and replaces them row by row."""
-    pairs = _online_loop(tiny_checkpoint, tmp_path / "pairs", (1, 1, 1), variant=variant, sail=sail)
-    prompts = _online_loop(tiny_checkpoint, tmp_path / "prompts", (1, 1, 1), variant=variant, sail=sail,
+    pairs = online_loop(tiny_checkpoint, tmp_path / "pairs", (1, 1, 1), variant=variant, sail=sail)
+    prompts = online_loop(tiny_checkpoint, tmp_path / "prompts", (1, 1, 1), variant=variant, sail=sail,
                            train_kind="prompt")
     assert not pairs.dataset_pairs and not prompts.dataset_pairs
-    reading = _online_loop(tiny_checkpoint, tmp_path / "reading", (1, 1, 1), variant=variant, sail=sail)
+    reading = online_loop(tiny_checkpoint, tmp_path / "reading", (1, 1, 1), variant=variant, sail=sail)
     reading.dataset_pairs = True
     reading._labeller = reading._make_labeller()
     for loop in (pairs, prompts, reading):
@@ -219,8 +185,8 @@ def test_precomputed_reference_feeds_the_labeller_the_same_pairs(tiny_checkpoint
     """reference.precompute: the dataset pairs' reference log-probs are computed once (cached in the
     workdir, read back by a second run), ride in the batches, and the labeller uses them instead of a
     reference pass: its train batch equals the live-reference labeller's (log-probs within 1e-5)."""
-    live = _online_loop(tiny_checkpoint, tmp_path / "live", (1, 1, 1))
-    cached = _online_loop(tiny_checkpoint, tmp_path / "cached", (1, 1, 1), precompute=True)
+    live = online_loop(tiny_checkpoint, tmp_path / "live", (1, 1, 1))
+    cached = online_loop(tiny_checkpoint, tmp_path / "cached", (1, 1, 1), precompute=True)
     cache = tmp_path / "cached" / "reference_logps_train.npz"
     assert cache.exists()
     for loop in (live, cached):
@@ -240,7 +206,7 @@ def test_precomputed_reference_feeds_the_labeller_the_same_pairs(tiny_checkpoint
     with np.load(cache) as f:
         written = f["chosen"].copy()
     np.savez(cache, chosen=written + 1.0, rejected=np.zeros_like(written))  # a second run reads the file
-    again = _online_loop(tiny_checkpoint, tmp_path / "cached", (1, 1, 1), precompute=True)
+    again = online_loop(tiny_checkpoint, tmp_path / "cached", (1, 1, 1), precompute=True)
     batch = next(again.prompts)  # rows are records here (none skipped): index addresses the cache
     np.testing.assert_array_equal(batch["ref_chosen_logps"], written[batch["index"]] + 1.0)
 
@@ -251,7 +217,7 @@ def test_xpo_pairs_the_policys_sample_with_the_references(tiny_checkpoint, tmp_p
     from sail_jax.labeling import GEN_KEY
     from sail_jax.sampling import generate
 
-    loop = _online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="xpo")
+    loop = online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="xpo")
     loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 1.05, loop.state.params))  # π != π_ref
     block = loop._generate_block(0)
     batch, samples = block.batches[0], block.samples[0]
@@ -275,7 +241,7 @@ def test_self_labelling_with_max_min_selection_starts_from_the_reference(tiny_ch
     """At π = π_ref every implicit reward is 0: max_min selection must still pair two different samples,
     so the PP rows carry (randomly labelled) pairs and training can start. Before the fix every PP pair
     was one sample twice, dropped as identical, and SAIL-PP on SmolLM2 never moved."""
-    loop = _online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="self_labelled_dpo",
+    loop = online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="self_labelled_dpo",
                         sail={"pair_selection": "max_min", "p_pp": 1.0})
     block = loop._generate_block(0)
     out, _ = _label(loop, 0, block.batches[0], block.samples[0])
@@ -292,7 +258,7 @@ def test_nash_md_pairs_the_policys_sample_with_the_mixtures(tiny_checkpoint, tmp
     from sail_jax.labeling import GEN_KEY
     from sail_jax.sampling import GeometricMixture, generate
 
-    loop = _online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="nash_md")
+    loop = online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="nash_md")
     loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 1.05, loop.state.params))  # π != π_ref
     block = loop._generate_block(0)
     batch, samples = block.batches[0], block.samples[0]
@@ -318,7 +284,7 @@ def test_spin_pairs_the_datasets_chosen_response_with_the_policys_sample(tiny_ch
     chosen one, with the sample's reference log-prob; identical pairs are dropped."""
     from sail_jax.evaluate import make_logp_fn
 
-    loop = _online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="spin")
+    loop = online_loop(tiny_checkpoint, tmp_path, (1, 1, 1), variant="spin")
     block = loop._generate_block(0)
     batch, samples = block.batches[0], block.samples[0]
     assert samples["tokens"].shape[0] == len(batch["valid"])

@@ -283,8 +283,10 @@ def test_a_run_saved_before_an_option_existed_resumes_while_the_option_is_off():
 
     saved = {"optim.learning_rate": 0.001, "lora.rank": 0}
     off = {"lora.quantize": "", "reward.fn": "", "sail.xpo_alpha": 0.0, "sail.opponent": "policy",
-           "reference.precompute": False, "log_completions": 8}
+           "reference.precompute": False, "log_completions": 8, "pg.method": "", "pg.loss_type": "dapo",
+           "pg.scale_rewards": "group", "pg.epsilon": 0.2, "pg.epsilon_high": None, "pg.beta": 0.0}
     assert changed_keys(saved, {**saved, **off}) == []
+    assert changed_keys(saved, {**saved, **off, "pg.method": "grpo"}) == ["pg.method: '<unset>' -> 'grpo'"]
     assert changed_keys(saved, {**saved, "lora.quantize": "nf4"}) == ["lora.quantize: '<unset>' -> 'nf4'"]
     assert changed_keys(saved, {**saved, "sail.opponent": "data", "sail.xpo_alpha": 1e-5}) == [
         "sail.opponent: '<unset>' -> 'data'", "sail.xpo_alpha: '<unset>' -> 1e-05"]
