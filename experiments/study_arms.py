@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from sail_jax.configs import MAIN_JOB_REVKL, XPO_ALPHA, ifeval_config, sail_config
+from sail_jax.configs import MAIN_JOB_REVKL, VARIANTS, XPO_ALPHA, ifeval_config, sail_config
 
 # arm -> (route probability key, overrides of config.sail); p is set per study cell.
 ARMS = {
@@ -31,6 +31,11 @@ ARMS = {
                                 "pair_selection": "first_two", "xpo_alpha": 0.01}),
     "spin": ("p_pr", {"gamma": 0.0, "opponent": "data", "num_samples": 1, "interval": 10, "sync_every": 10}),
     "nash_md": ("p_pr", {"gamma": 0.0, "opponent": "mixture", "num_samples": 2, "pair_selection": "first_two"}),
+    # The baselines at SAIL's sampling budget: 4 samples per prompt for every arm; the pair-based arms
+    # train on the best and the worst of the 4 (max_min), the group methods on all 4 (their configs/).
+    "online_dpo_k4": ("p_pr", {"gamma": 0.0, "num_samples": 4, "pair_selection": "max_min"}),
+    "sail_pr_k4": ("p_pr", {"gamma": 0.3, "num_samples": 4, "pair_selection": "max_min"}),
+    **{name: ("p_pr", {k: v for k, v in VARIANTS[name].items() if k != "p_pr"}) for name in ("grpo", "dr_grpo", "rloo")},
 }
 FAMILY_CONTRASTS = (
     ("online IPO (loss: sigmoid → IPO)", "online_dpo", "online_ipo"),
@@ -44,6 +49,14 @@ FAMILY_CONTRASTS = (
 FAMILY_MATCHED_KL = (
     ("Nash-MD at β 0.01 vs online DPO at β 0.3 (nearest KL)", "online_dpo@beta0.3", "nash_md@beta0.01"),
     ("Nash-MD at β 0.01 vs online IPO at β 0.1 (nearest KL)", "online_ipo", "nash_md@beta0.01"),
+)
+# SAIL against the group-relative policy gradients at p = 1 and equal sampling budget (``--baselines``).
+BASELINE_CONTRASTS = (
+    ("SAIL-PR's score term, 4 samples (γ 0 → 0.3)", "online_dpo_k4", "sail_pr_k4"),
+    ("GRPO vs online DPO (method comparison)", "online_dpo_k4", "grpo"),
+    ("SAIL-PR vs GRPO (method comparison)", "grpo", "sail_pr_k4"),
+    ("Dr. GRPO vs GRPO (no std scaling, constant normaliser, β 0.04 → 0)", "grpo", "dr_grpo"),
+    ("RLOO vs GRPO (method comparison)", "grpo", "rloo"),
 )
 PROXY_ARMS = ("online_dpo", "sail_pr")  # also run as "<arm>_rm": labels from the proxy reward model
 CONTRASTS = (
@@ -67,6 +80,7 @@ IFEVAL_CONTRASTS = (
     ("Nash-MD vs online DPO with 2 samples (method comparison)", "online_dpo_k2", "nash_md"),
 )
 METRICS = (("reward", True), ("kl", False), ("win_rate", True), ("distinct_2", True))
+BASELINE_METRICS = METRICS + (("seconds_per_update", False),)
 IFEVAL_METRICS = (("score", True), ("finished", True)) + METRICS
 FRONTIER_ARMS = ("offline_dpo", "online_dpo", "sail_pr", "self_labelled_dpo", "sail_pp_revkl")
 DEFAULT_BETA = float(sail_config("offline_dpo").loss.beta)  # every arm's β unless its name says otherwise
@@ -111,7 +125,8 @@ def make_config(name: str, *, steps: int, out: str, task: str, gguf: str = "", r
     c.generation.interval = sail.pop("interval", 1)
     c.reference.sync_every = sail.pop("sync_every", 0)
     for key, value in sail.items():
-        c.sail[key] = value
+        section, key = key.split(".") if "." in key else ("sail", key)
+        c[section][key] = value
     c.variant = name
     c.steps, c.eval_every, c.checkpoint.every = steps, max(steps // (2 if task == "ifeval" else 3), 1), 0
     c.export = c.checkpoint.final = False  # a study keeps metrics and summaries, not model copies
