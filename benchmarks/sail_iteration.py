@@ -32,12 +32,11 @@ from common import model_config as make_model_config
 from flax import nnx
 
 from sail_jax.configs import fill_defaults, sail_config
-from sail_jax.group_labeling import make_group_labeller
+from sail_jax.group_labeling import group_labeller, group_objective
 from sail_jax.labeling import draw_routes, make_labeller
 from sail_jax.sail_terms import ROUTE_PP
 from sail_jax.models import build_model
 from sail_jax.objectives import make_sail_objective, response_logps
-from sail_jax.policy_gradient import make_group_objective
 from sail_jax.optim import make_optimizer
 from sail_jax.sail_terms import RunningBaseline
 from sail_jax.sampling import generate
@@ -136,10 +135,7 @@ def group_method(variant, trainable, state, shardings, tx, ref_graphdef, ref_par
                  repeats, frozen, frozen_shardings) -> dict:
     """A group method's labelling program and train step (its shipped config's settings) on the samples."""
     pg = sail_config(variant).pg
-    beta = float(pg.beta)
-    labeller = make_group_labeller(ref_graphdef, mesh, temperature=1.0, method=pg.method, num_samples=samples,
-                                   beta=beta, scale=pg.scale_rewards, normalize=bool(pg.normalize_advantages),
-                                   ratio_needs_old=False)
+    labeller = group_labeller(ref_graphdef, mesh, pg, num_samples=samples, temperature=1.0, ratio_needs_old=False)
     rows = {**box["samples"], "logprobs": box["logprobs"]}
     rewards = np.random.RandomState(1).normal(size=rows["tokens"].shape[0]).astype(np.float32)
     out = {}
@@ -149,9 +145,7 @@ def group_method(variant, trainable, state, shardings, tx, ref_graphdef, ref_par
         jax.block_until_ready(box["group"])
 
     out[f"labelling ({variant})"] = median_time(label, repeats)
-    objective = make_group_objective(pg.method, beta=beta, epsilon_low=float(pg.epsilon),
-                                     epsilon_high=float(pg.epsilon), loss_type=pg.loss_type,
-                                     max_completion_length=rows["tokens"].shape[1])
+    objective = group_objective(pg, max_completion_length=rows["tokens"].shape[1], temperature=1.0)
     step = make_train_step(trainable.graphdef, tx, objective, mesh, shardings, frozen_shardings, seed=0)
     box["state"] = jax.tree.map(lambda x: x.copy(), state)
 

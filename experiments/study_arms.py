@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from sail_jax.configs import MAIN_JOB_REVKL, VARIANTS, XPO_ALPHA, ifeval_config, sail_config
+from sail_jax.configs import MAIN_JOB_REVKL, VARIANTS, XPO_ALPHA, apply_overrides, ifeval_config, sail_config
 
 # arm -> (route probability key, overrides of config.sail); p is set per study cell.
 ARMS = {
@@ -121,12 +121,7 @@ def make_config(name: str, *, steps: int, out: str, task: str, gguf: str = "", r
             c.loss.beta = float(part[4:])
         elif part.startswith("p"):
             c.sail[route] = float(part[1:])
-    sail = dict(sail)
-    c.generation.interval = sail.pop("interval", 1)
-    c.reference.sync_every = sail.pop("sync_every", 0)
-    for key, value in sail.items():
-        section, key = key.split(".") if "." in key else ("sail", key)
-        c[section][key] = value
+    apply_overrides(c, sail)
     c.variant = name
     c.steps, c.eval_every, c.checkpoint.every = steps, max(steps // (2 if task == "ifeval" else 3), 1), 0
     c.export = c.checkpoint.final = False  # a study keeps metrics and summaries, not model copies

@@ -256,13 +256,19 @@ def sail_config(variant: str = "sail_pp") -> ml_collections.ConfigDict:
     c.eval_every = 50
     c.log_completions = 8  # held-out prompts whose samples each evaluation logs (completions.jsonl, TensorBoard)
     c.checkpoint.every = 50
-    overrides = dict(VARIANTS[variant])
+    apply_overrides(c, VARIANTS[variant])
+    return c
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> None:
+    """A variant's overrides (as in VARIANTS): ``interval`` and ``sync_every`` set the generation block and
+    the reference sync, ``section.key`` that key, any other key ``sail.key``."""
+    overrides = dict(overrides)
     c.generation.interval = overrides.pop("interval", 1)
     c.reference.sync_every = overrides.pop("sync_every", 0)
     for k, v in overrides.items():
         section, name = k.split(".") if "." in k else ("sail", k)
         c[section][name] = v
-    return c
 
 
 def ifeval_config(variant: str = "sail_pr", reduced: bool = False) -> ml_collections.ConfigDict:

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from sail_jax.losses import masked_mean
 from sail_jax.policy_gradient import (METHODS, group_advantages, group_token_logps, kl_penalised_rewards,
-                                      leave_one_out_advantages)
+                                      leave_one_out_advantages, make_group_objective)
 from sail_jax.sharding import batch_sharding
 
 
@@ -76,3 +76,20 @@ def make_group_labeller(ref_graphdef, mesh, *, temperature: float, **static):
                             rewards, **static)
 
     return jax.jit(program, out_shardings=(batch_sharding(mesh), NamedSharding(mesh, P())))
+
+
+def group_objective(pg, *, max_completion_length: int, temperature: float):
+    """``make_group_objective`` with the ``pg`` config section's settings (epsilon_high unset: epsilon)."""
+    epsilon, high, delta = float(pg.epsilon), pg.get("epsilon_high", None), pg.get("delta", None)
+    return make_group_objective(pg.method, beta=float(pg.beta), epsilon_low=epsilon,
+                                epsilon_high=epsilon if high is None else float(high),
+                                delta=None if delta is None else float(delta), loss_type=pg.loss_type,
+                                importance_level=pg.importance_sampling_level,
+                                max_completion_length=max_completion_length, temperature=temperature)
+
+
+def group_labeller(ref_graphdef, mesh, pg, *, num_samples: int, temperature: float, ratio_needs_old: bool):
+    """``make_group_labeller`` with the ``pg`` config section's settings."""
+    return make_group_labeller(ref_graphdef, mesh, temperature=temperature, method=pg.method,
+                               num_samples=num_samples, beta=float(pg.beta), scale=pg.scale_rewards,
+                               normalize=bool(pg.normalize_advantages), ratio_needs_old=ratio_needs_old)

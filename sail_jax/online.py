@@ -33,13 +33,12 @@ from sail_jax.data.pipeline import train_iterator
 from sail_jax.distributed import global_array, to_host
 from sail_jax.driver import drive
 from sail_jax.evaluate import Evaluator, decode_responses, distinct_n, make_logp_fn
-from sail_jax.group_labeling import make_group_labeller, needs_old_logps
+from sail_jax.group_labeling import group_labeller, group_objective, needs_old_logps
 from sail_jax.labeling import GEN_KEY, ROUTE_KEY, draw_routes, every_row_sampled, make_labeller, step_key
 from sail_jax.objectives import make_sail_objective, make_term_gradient_norms, response_logps
 from sail_jax.sail_terms import (ROUTE_PP, ROUTE_PR, RunningBaseline, implicit_log_likelihood,
                                  update_running_baseline)
 from sail_jax.optim import make_optimizer
-from sail_jax.policy_gradient import make_group_objective
 from sail_jax.reference_cache import KEYS as REF_KEYS
 from sail_jax.reference_cache import attach_reference_logps
 from sail_jax.sampling import GeometricMixture, generate
@@ -125,14 +124,8 @@ class OnlineLoop:
             return make_sail_objective(self.config.loss, self.sail, score_temperature=self._score_temperature(),
                                        data_parallel=data_parallel_size(self.mesh),
                                        grad_accum_steps=int(self.config.optim.grad_accum_steps))
-        pg, epsilon = self.pg, float(self.pg.epsilon)
-        high, delta = pg.get("epsilon_high", None), pg.get("delta", None)
-        return make_group_objective(pg.method, beta=float(pg.beta), epsilon_low=epsilon,
-                                    epsilon_high=epsilon if high is None else float(high),
-                                    delta=None if delta is None else float(delta), loss_type=pg.loss_type,
-                                    importance_level=pg.importance_sampling_level,
-                                    max_completion_length=int(self.gen.max_new_tokens),
-                                    temperature=float(self.gen.temperature))
+        return group_objective(self.pg, max_completion_length=int(self.gen.max_new_tokens),
+                               temperature=float(self.gen.temperature))
 
     def _precompute_reference(self, arrays):
         """``reference.precompute``: the dataset pairs' reference log-probs, once, into the batches."""
@@ -211,10 +204,8 @@ class OnlineLoop:
         ``group_labeling.make_group_labeller``)."""
         sail, pg = self.sail, self.pg
         if pg.method:
-            return make_group_labeller(self.ref_graphdef, self.mesh, temperature=float(self.gen.temperature),
-                                       method=pg.method, num_samples=int(sail.num_samples), beta=float(pg.beta),
-                                       scale=pg.scale_rewards, normalize=bool(pg.normalize_advantages),
-                                       ratio_needs_old=self.block_len > 1)
+            return group_labeller(self.ref_graphdef, self.mesh, pg, num_samples=int(sail.num_samples),
+                                  temperature=float(self.gen.temperature), ratio_needs_old=self.block_len > 1)
         return make_labeller(self.graphdef, self.ref_graphdef, self.mesh, self.key, beta=self.beta,
                              num_samples=int(sail.num_samples), pair_selection=sail.pair_selection,
                              pp_label_mode=sail.pp_label_mode, pr_label_mode=sail.pr_label_mode,
